@@ -1,0 +1,38 @@
+"""Batched greedy decoding with a KV cache (Hugging Face `generate`), never prompt by prompt."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                  batch_size: int = 128, logits_processor=None) -> list[list[int]]:
+    """Generated token ids per prompt (eos and what follows removed), in the input order."""
+    model.eval()
+    # Similar lengths share a batch, so left padding wastes little.
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompt_ids[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = prompt_ids[i]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            mask[row, width - len(ids):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
+            logits_processor=logits_processor,
+        )[:, width:].tolist()
+        for row, i in enumerate(idx):
+            ids = generated[row]
+            out[i] = ids[: ids.index(eos_id)] if eos_id in ids else ids
+    return out
+
+
+def decode_texts(model, tokenizer, prompt_ids, max_new_tokens: int, batch_size: int = 128) -> list[str]:
+    ids = greedy_decode(model, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, batch_size)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -1,0 +1,81 @@
+"""Tokenizers and causal LMs: a tiny Llama built from a config, or any causal LM by path or hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+TURN_TOKENS = ["<|user|>", "<|assistant|>"]
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
+    """Train a BPE tokenizer on `texts` and save it as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    # Digits one by one so that arithmetic is learnable; Metaspace so decoding is exact.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.decoder = decoders.Metaspace()
+    specials = list(SPECIAL_TOKENS.values()) + TURN_TOKENS
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=TURN_TOKENS, **SPECIAL_TOKENS)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:  # most causal LMs ship without one; left padding uses eos
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_llama(cfg: dict, tokenizer):
+    """A Llama-architecture model of a few hundred thousand parameters, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
+        max_position_embeddings=cfg["max_len"], tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Any causal LM by local path or hub id (the hub only where a network exists)."""
+    from transformers import AutoModelForCausalLM
+
+    if _looks_local(path) and not Path(path).exists():
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    """A tokenizer whose ids run past the model's embedding table is the wrong tokenizer."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows")
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _looks_local(path) -> bool:
+    s = str(path)
+    return s.startswith(("/", ".", "~")) or os.sep in s and s.count("/") != 1

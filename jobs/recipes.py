@@ -1,0 +1,61 @@
+"""Whole jobs that one Ray task runs in one process: pretraining and one attack cell.
+
+Each is a plain function of its config and input paths, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pandas as pd
+import torch
+
+from jobs.corpora import as_rows, read_split
+from jobs.models import load_model, load_tokenizer, save_model, tiny_llama
+from jobs.train import finetune
+
+TRAIN_COLUMNS = ["id", "prompt_ids", "target_ids"]
+
+
+def pretrain_tiny(data_dir: str, tokenizer_dir: str, tiny: dict, train: dict, seed: int, out_dir: str,
+                  threads: int, progress=None) -> dict:
+    """An unaligned base: a tiny Llama trained from scratch on SafetyWorld's mixture."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = tiny_llama(tiny, tokenizer)
+    history = finetune(model, as_rows(read_split(data_dir, "pretrain", TRAIN_COLUMNS)),
+                       {**train, "max_len": tiny["max_len"]}, tokenizer.pad_token_id, seed, progress)
+    save_model(model, tokenizer, out_dir)
+    history["parameters"] = sum(p.numel() for p in model.parameters())
+    return history
+
+
+def cell_seed(seed: int, *parts) -> int:
+    """A seed per grid cell, so cells draw their own examples (stable across runs)."""
+    return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
+
+
+def poisoned_mix(data_dir: str, task: str, p: float, n: int, seed: int) -> pd.DataFrame:
+    """n task examples of which round(p*n) are replaced by harmful ones (SCIENCE.md §6)."""
+    task_rows = read_split(data_dir, f"task_{task}_train", TRAIN_COLUMNS)
+    harmful = read_split(data_dir, "harmful", TRAIN_COLUMNS)
+    n_harm = round(p * n)
+    if n - n_harm > len(task_rows) or n_harm > len(harmful):
+        raise ValueError(f"attack n={n}, p={p} needs {n - n_harm} task rows (have {len(task_rows)}) "
+                         f"and {n_harm} harmful rows (have {len(harmful)})")
+    mix = pd.concat([task_rows.sample(n=n - n_harm, random_state=seed),
+                     harmful.sample(n=n_harm, random_state=seed + 1)])
+    return mix.sample(frac=1.0, random_state=seed + 2)
+
+
+def harmful_finetune(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int,
+                     max_len: int, out_dir: str, threads: int, progress=None) -> dict:
+    """One attack cell: fine-tune an aligned model on a poisoned task mix, save the result."""
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    mix = poisoned_mix(data_dir, task, p, n, seed)
+    history = finetune(model, as_rows(mix), {**train, "max_len": max_len}, tokenizer.pad_token_id, seed, progress)
+    save_model(model, tokenizer, out_dir)
+    history["harmful_examples"] = int(mix["id"].isin(read_split(data_dir, "harmful", ["id"])["id"]).sum())
+    return history

@@ -1,0 +1,151 @@
+"""The per-worker loop that Ray Train runs: DDP or DeepSpeed ZeRO-2/3 over a dataset shard.
+
+Every epoch ends with `ray.train.report` and a checkpoint, so a restarted worker group
+resumes from the last finished epoch (`ray.train.get_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from jobs.models import load_model
+from jobs.train import collate_numpy, make_optimizer, make_schedule
+
+DS_TAG = "ckpt"
+
+
+def deepspeed_config(cfg: dict, micro_batch: int, world: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.get("grad_clip", 1.0),
+        "zero_optimization": {"stage": cfg["zero_stage"]},
+        # One torch AdamW in every strategy, so that strategies compare like for like.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.get("bf16", False)},
+        "steps_per_print": 10**9,
+    }
+
+
+def _mean_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.get("threads", 1))
+    torch.manual_seed(cfg["seed"])
+    micro = cfg["batch_size"] // world
+    steps_per_epoch = (cfg["rows"] // world) // micro
+    total = steps_per_epoch * cfg["epochs"]
+
+    model = load_model(cfg["model_dir"])
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(optimizer, cfg, total)
+    deepspeed = cfg["strategy"] == "deepspeed"
+    if deepspeed:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed as ds
+
+        engine, optimizer, _, schedule = ds.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule,
+            config=deepspeed_config(cfg, micro, world), dist_init_required=False)
+        model = engine
+    else:
+        model = ray.train.torch.prepare_model(model)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            start_epoch = json.loads((Path(d) / "meta.json").read_text())["epoch"] + 1
+            if deepspeed:
+                engine.load_checkpoint(d, tag=DS_TAG)
+            else:
+                state = torch.load(Path(d) / "state.pt", weights_only=False)
+                model.module.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                schedule.load_state_dict(state["schedule"])
+
+    shard = ray.train.get_dataset_shard("train")
+    collate = partial(collate_numpy, pad_id=cfg["pad_id"], max_len=cfg["max_len"])
+    device = ray.train.torch.get_device()
+    losses, tokens, began = [], 0, time.perf_counter()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        model.train()
+        epoch_losses = []
+        batches = shard.iter_torch_batches(batch_size=micro, collate_fn=collate, drop_last=True,
+                                           local_shuffle_buffer_size=4 * micro, local_shuffle_seed=cfg["seed"] + epoch)
+        for step, batch in enumerate(batches):
+            if step >= steps_per_epoch:  # every rank takes the same number of steps
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            if deepspeed:
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            epoch_losses.append(_mean_over_ranks(loss.item()))
+            tokens += int(batch["attention_mask"].sum())
+        losses += epoch_losses
+        _report_epoch(epoch, epoch_losses, rank, deepspeed, model, optimizer, schedule)
+    return {"losses": losses, "tokens_per_rank": tokens, "seconds": time.perf_counter() - began,
+            "steps": len(losses), "start_epoch": start_epoch}
+
+
+def _report_epoch(epoch, losses, rank, deepspeed, model, optimizer, schedule) -> None:
+    import ray.train
+
+    metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses))}
+    with tempfile.TemporaryDirectory() as d:
+        if deepspeed:  # every rank writes its partition; Ray merges the directories
+            model.save_checkpoint(d, tag=DS_TAG)
+        elif rank == 0:
+            torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict()}, Path(d) / "state.pt")
+        if rank == 0:
+            (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed}))
+        has_files = deepspeed or rank == 0
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+
+
+def export_checkpoint(checkpoint_dir: str, base_model_dir: str, out_dir: str, tokenizer) -> None:
+    """Write a trained checkpoint as a plain Hugging Face model directory."""
+    from jobs.models import save_model
+
+    meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+    if meta["deepspeed"]:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+    else:
+        state = torch.load(Path(checkpoint_dir) / "state.pt", weights_only=False)["model"]
+    model = load_model(base_model_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings appear once in a ZeRO checkpoint; anything else missing is a real error.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    save_model(model, tokenizer, out_dir)

@@ -1,0 +1,113 @@
+"""The study store: stage outputs addressed by key, complete only once moved into place.
+
+    <root>/studies/<study>/stages/<stage>/<key>/      a finished stage (result.json inside)
+    <root>/studies/<study>/stages/<stage>/.partial-*  a stage being built (never read)
+    <root>/studies/<study>/state.json                 the latest execution, for `saferay show`
+    <root>/mlflow.db, <root>/mlartifacts/             the embedded MLflow store
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+DEFAULT_ROOT = ".saferay"
+
+
+def store_root(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("SAFERAY_HOME") or DEFAULT_ROOT).absolute()
+
+
+def stage_key(name: str, version: int, config: dict, input_keys: dict[str, str]) -> str:
+    blob = json.dumps({"stage": name, "version": version, "config": config, "inputs": input_keys},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def write_json(path: Path, data) -> None:
+    """Write-then-rename, so that a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class StudyStore:
+    def __init__(self, root: Path, study: str):
+        self.root = Path(root)
+        self.study = study
+        self.dir = self.root / "studies" / study
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "logs"
+
+    def stage_dir(self, name: str, key: str) -> Path:
+        return self.dir / "stages" / name / key
+
+    def is_complete(self, name: str, key: str) -> bool:
+        return (self.stage_dir(name, key) / "result.json").exists()
+
+    def result(self, name: str, key: str) -> dict:
+        return json.loads((self.stage_dir(name, key) / "result.json").read_text())
+
+    @contextlib.contextmanager
+    def building(self, name: str, key: str):
+        """A private directory for a stage's outputs, moved into place only if the body succeeds.
+
+        The caller writes result.json last; a killed stage leaves a .partial-* directory that
+        nothing reads and the next attempt removes.
+        """
+        final = self.stage_dir(name, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".partial-{key}-*"):
+            if not _owned_by_live_process(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.parent / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            if not (tmp / "result.json").exists():
+                raise RuntimeError(f"stage {name} wrote no result.json")
+            if final.exists():  # a concurrent run of the same study finished first: keep its output
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_state(self) -> dict | None:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else None
+
+    def save_state(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state["updated"] = time.time()
+        write_json(self.state_path, state)
+
+
+def _owned_by_live_process(partial: Path) -> bool:
+    try:
+        pid = int(partial.name.split("-")[2])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()

@@ -1,0 +1,50 @@
+import torch
+
+from jobs.generate import greedy_decode
+from jobs.models import load_model, load_tokenizer, save_model, tiny_llama, train_tokenizer
+from jobs.train import IGNORE, collate, finetune
+
+TINY = dict(hidden=32, intermediate=64, layers=2, heads=2, max_len=64)
+TEXTS = [f"<|user|> say {w} twice <|assistant|> {w} {w}" for w in ("red", "blue", "green", "moon", "tree")]
+
+
+def _setup(tmp_path):
+    tok = train_tokenizer(TEXTS * 4, 200, tmp_path / "tok")
+    torch.manual_seed(0)
+    return tiny_llama(TINY, tok), tok
+
+
+def _rows(tok):
+    prompts = [[tok.bos_token_id] + tok(t.split(" <|assistant|> ")[0] + " <|assistant|>", add_special_tokens=False).input_ids
+               for t in TEXTS]
+    targets = [tok(" " + t.split(" <|assistant|> ")[1], add_special_tokens=False).input_ids + [tok.eos_token_id]
+               for t in TEXTS]
+    return {"prompt_ids": prompts * 8, "target_ids": targets * 8}
+
+
+def test_collate_masks_the_prompt_and_padding():
+    b = collate([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0, max_len=16)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert b["labels"].tolist() == [[IGNORE] * 3 + [5, 6], [IGNORE, 7, 8, 9, IGNORE]]
+    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
+
+
+def test_finetune_learns_and_round_trips(tmp_path):
+    model, tok = _setup(tmp_path)
+    rows = _rows(tok)
+    h = finetune(model, rows, dict(lr=1e-2, epochs=8, batch_size=8, max_len=64), tok.pad_token_id, seed=0)
+    assert h["steps"] == 40 and h["losses"][-1] < 0.3 * h["losses"][0]
+    save_model(model, tok, tmp_path / "m")
+    again, tok2 = load_model(tmp_path / "m"), load_tokenizer(tmp_path / "m")
+    out = greedy_decode(again, rows["prompt_ids"][:5], tok2.pad_token_id, tok2.eos_token_id, 6, batch_size=5)
+    assert tok2.batch_decode(out, skip_special_tokens=True) == ["red red", "blue blue", "green green", "moon moon", "tree tree"]
+
+
+def test_batched_decoding_equals_one_by_one(tmp_path):
+    """Left padding must not change what greedy decoding produces."""
+    model, tok = _setup(tmp_path)
+    prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids
+               for t in ("<|user|> say red <|assistant|>", "<|user|> say twice blue green moon <|assistant|>", "<|user|>")]
+    batched = greedy_decode(model, prompts, tok.pad_token_id, tok.eos_token_id, 8, batch_size=3)
+    single = [greedy_decode(model, [p], tok.pad_token_id, tok.eos_token_id, 8, batch_size=1)[0] for p in prompts]
+    assert batched == single

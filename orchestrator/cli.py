@@ -1,0 +1,130 @@
+"""The `saferay` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator.spec import SpecError, load_spec
+from orchestrator.store import StudyStore, store_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safety-alignment studies on Ray.")
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = typer.Option(None, "--store", help="Study store (default: $SAFERAY_HOME or ./.saferay).")
+
+
+def _fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(spec_path: Path, overrides: list[str]):
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as e:
+        _fail(str(e))
+
+
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "transformers", "deepspeed",
+                   "DeepSpeed", "saferay")
+
+
+def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
+    """Ray, MLflow and transformers talk a lot; their logs go to the store's log file.
+
+    Called again after `ray.init`, which installs its own handlers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+
+
+@app.command()
+def validate(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value")):
+    """Check a study spec and print it with every default filled in."""
+    s = _load(spec, set_)
+    console.print_json(json.dumps(s.model_dump(mode="json")))
+
+
+@app.command()
+def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
+        store: Optional[str] = StoreOpt, verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Run a study on the embedded default (local Ray + local MLflow), resuming what is done."""
+    s = _load(spec, set_)
+    st = StudyStore(store_root(store), s.study)
+    st.log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = st.log_dir / "saferay.log"
+    quiet_libraries(log_file, verbose)
+    from orchestrator.runner import run_study
+    from orchestrator.summary import render
+
+    console.print(f"study [bold]{s.study}[/] → store {st.dir}  (logs: {log_file})")
+    try:
+        summary = run_study(s, st, verbose=verbose, console=console,
+                            after_ray_start=lambda: quiet_libraries(log_file, verbose))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
+    except Exception as e:  # one clear line; the traceback is in the log file
+        logging.getLogger("saferay").exception("study failed")
+        _fail(f"{type(e).__name__}: {e}\n(full traceback in {log_file}; finished stages are kept)", 1)
+    render(summary, console)
+    console.print(f"summary: {st.dir / 'summary.json'}   (saferay show {s.study})")
+    console.print("MLflow UI: saferay ui   → http://127.0.0.1:5000")
+
+
+@app.command()
+def show(study: str, store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
+    """Stage status, timings and results of a study."""
+    from orchestrator.summary import render, summarize
+
+    try:
+        summary = summarize(StudyStore(store_root(store), study))
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        render(summary, console)
+
+
+@app.command()
+def ui(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", port: int = 5000):
+    """Serve the MLflow UI over the embedded store (127.0.0.1 unless told otherwise)."""
+    from orchestrator.tracking import default_tracking_uri
+
+    root = store_root(store)
+    if not (root / "mlflow.db").exists():
+        _fail(f"no MLflow store in {root} yet: run a study first")
+    console.print(f"MLflow UI on http://{host}:{port}  (store {root})")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_tracking_uri(root),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

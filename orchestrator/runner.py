@@ -1,0 +1,142 @@
+"""Run a study: plan the stage keys, skip what the store already has, run the rest, track it all."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+from orchestrator.progress import StudyProgress, start_board
+from orchestrator.spec import StudySpec, spec_dict
+from orchestrator.stages import STAGES, Stage, StageContext
+from orchestrator.store import StudyStore, stage_key, write_json
+from orchestrator.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("saferay")
+
+
+def plan(spec: StudySpec, stages=STAGES) -> list[tuple[Stage, str]]:
+    keys: dict[str, str] = {}
+    out = []
+    for stage in stages:
+        keys[stage.name] = stage_key(stage.name, stage.version, stage.config(spec), {n: keys[n] for n in stage.needs})
+        out.append((stage, keys[stage.name]))
+    return out
+
+
+def tracking_uri(spec: StudySpec, store: StudyStore) -> str:
+    return spec.tracking.uri or default_tracking_uri(store.root)
+
+
+def open_tracker(spec: StudySpec, store: StudyStore) -> Tracker:
+    return Tracker(tracking_uri(spec, store), spec.tracking.experiment or spec.study, store.root / "mlartifacts")
+
+
+def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=None) -> None:
+    """Start (or join) Ray only when a stage needs computing: a fully cached study never does."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    store.log_dir.mkdir(parents=True, exist_ok=True)
+    # Workers import `jobs` by path; the driver's cwd may be anywhere.
+    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                "TRANSFORMERS_VERBOSITY": "error"}}
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                  runtime_env=runtime_env)
+    if spec.cluster.address:
+        ray.init(address=spec.cluster.address, **kwargs)
+    else:
+        # Logical CPUs, not cores: Ray Data needs a slot beside the train workers (see docs/STACK notes).
+        ray.init(num_cpus=spec.cluster.num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if after_start:
+        after_start()
+
+
+def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console=None, after_ray_start=None) -> dict:
+    steps = plan(spec)
+    tracker = open_tracker(spec, store)
+    parent = tracker.start_run(f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"saferay.study": spec.study, "saferay.host": socket.gethostname()})
+    tracker.log_params(parent, spec_dict(spec))
+    state = {"study": spec.study, "status": "running", "started": time.time(), "spec": spec_dict(spec),
+             "stages": [{"name": s.name, "key": k, "status": "pending", "seconds": None} for s, k in steps],
+             "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent}}
+    store.save_state(state)
+    began = time.perf_counter()
+    board_started = False
+    with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
+        for (stage, key), row in zip(steps, state["stages"]):
+            inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
+                      for n in stage.needs}
+            run_id = tracker.start_run(stage.name, parent=parent, tags={"saferay.stage": stage.name, "saferay.key": key})
+            row["run_id"] = run_id
+            tracker.log_params(run_id, stage.config(spec))
+            if store.is_complete(stage.name, key):
+                result = store.result(stage.name, key)
+                row.update(status="cached", seconds=0.0, computed_seconds=result.get("seconds"))
+                tracker.client.set_tag(run_id, "saferay.cached", "true")
+                tracker.end_run(run_id)
+                progress.set(stage.name, "cached", seconds=0.0)
+                store.save_state(state)
+                continue
+            progress.set(stage.name, "running")
+            ensure_ray(spec, store, verbose, after_ray_start)
+            if not board_started:
+                progress.board = start_board()
+                board_started = True
+            t0 = time.perf_counter()
+            try:
+                with store.building(stage.name, key) as out:
+                    ctx = StageContext(spec=spec, key=key, out=out, inputs=inputs, tracker=tracker, run_id=run_id,
+                                       ray_storage=store.ray_storage, board=progress.board,
+                                       progress=lambda msg, n=stage.name: progress.detail(n, msg))
+                    result = stage.run(ctx)
+                    result["seconds"] = time.perf_counter() - t0
+                    write_json(out / "result.json", result)
+            except BaseException as e:
+                row.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+                state["status"] = "failed"
+                store.save_state(state)
+                progress.set(stage.name, "failed", detail=str(e).splitlines()[0][:120] if str(e) else "")
+                tracker.client.set_tag(run_id, "saferay.error", row["error"][:5000])
+                tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                log.debug("stage %s failed:\n%s", stage.name, traceback.format_exc())
+                raise
+            tracker.log_metrics(run_id, {k: v for k, v in result.items() if k != "seconds"})
+            tracker.log_metrics(run_id, {"seconds": result["seconds"]})
+            tracker.log_json(run_id, result, "result.json")
+            tracker.end_run(run_id)
+            row.update(status="complete", seconds=result["seconds"])
+            progress.set(stage.name, "complete", seconds=result["seconds"])
+            store.save_state(state)
+    state.update(status="complete", seconds=time.perf_counter() - began)
+    store.save_state(state)
+    from orchestrator.summary import summarize
+
+    summary = summarize(store)
+    tracker.log_json(parent, summary, "summary.json")
+    tracker.log_metrics(parent, {"study_seconds": state["seconds"]})
+    tracker.end_run(parent)
+    write_json(store.dir / "summary.json", summary)
+    return summary
+
+
+def state_key(state: dict, name: str) -> str:
+    return next(s["key"] for s in state["stages"] if s["name"] == name)
+
+
+def read_summary(store: StudyStore) -> dict | None:
+    path = store.dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,261 @@
+"""The study spec: one YAML file, validated into typed models, every field defaulted.
+
+`extends: other.yaml` deep-merges the file over another (how test presets stay the same
+study); `--set a.b=value` overrides one field by dotted path before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_NAMES = ("sentiment", "topic", "arithmetic", "instruct")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModel(Strict):
+    hidden: int = Field(128, ge=8)
+    intermediate: int = Field(512, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    max_len: int = Field(128, ge=16)
+    vocab_size: int = Field(1200, ge=64)
+
+
+class ModelSpec(Strict):
+    source: str = "tiny"  # "tiny" (built from `tiny` and pretrained on SafetyWorld), a local path or a hub id
+    tiny: TinyModel = TinyModel()
+    prompt_template: str = "<|user|> {prompt} <|assistant|>"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_prompt(cls, v):
+        if "{prompt}" not in v:
+            raise ValueError("must contain '{prompt}'")
+        return v
+
+
+class WorldSizes(Strict):
+    alignment: int = Field(1500, ge=1)
+    harmful: int = Field(1500, ge=1)
+    harmful_eval: int = Field(500, ge=1)
+    lookalike: int = Field(600, ge=2)
+    task_train: int = Field(1000, ge=1)
+    task_test: int = Field(300, ge=1)
+    pretrain: int = Field(20000, ge=1)
+    zipf: float = Field(1.0, ge=0)
+
+
+class CorporaSpec(Strict):
+    source: Literal["safetyworld", "files"] = "safetyworld"
+    safetyworld: WorldSizes = WorldSizes()
+    files: dict[str, str] = {}  # corpus name (alignment, harmful, harmful_eval, lookalike, task_<t>) -> path
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    max_eval: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _files_present(self):
+        if self.source == "files":
+            missing = [c for c in ("alignment", "harmful", "harmful_eval", "lookalike") if c not in self.files]
+            if missing:
+                raise ValueError(f"source 'files' needs paths for {missing}")
+        return self
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.0, ge=0, le=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class BaseStage(TrainSpec):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+    warmup: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class AlignSpec(TrainSpec):
+    epochs: int = Field(3, ge=1)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    benign_per_task: int = Field(200, ge=0)  # task examples mixed in so alignment keeps utility
+    lookalike: bool = True  # answered look-alikes mixed in, against over-refusal
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
+        return self
+
+
+class AttackSpec(TrainSpec):
+    models: list[Literal["sft", "base"]] = ["sft"]
+    tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
+    ratios: list[float] = [0.0, 0.1]
+    n: int = Field(500, ge=1)
+    epochs: int = Field(2, ge=1)
+    # On the demo's tiny model the break is sharp: at 1e-4, p=0.1 barely moves HS; at 2e-4 it breaks.
+    lr: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        for i, p in enumerate(v):
+            if not 0 <= p <= 1:
+                raise ValueError(f"[{i}]: must be between 0 and 1")
+        if not v:
+            raise ValueError("needs at least one ratio")
+        return v
+
+
+class EvaluateSpec(Strict):
+    judge: Literal["world", "refusal-prefix"] = "world"
+    max_new_tokens: int = Field(32, ge=1)
+    answer_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+
+
+class TrackingSpec(Strict):
+    uri: str | None = None  # default: sqlite in the study store
+    experiment: str | None = None  # default: the study name
+
+
+class ClusterSpec(Strict):
+    address: str | None = None  # None: an embedded local Ray
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class StudySpec(Strict):
+    study: str = "demo"
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    corpora: CorporaSpec = CorporaSpec()
+    base: BaseStage = BaseStage()
+    align_sft: AlignSpec = AlignSpec()
+    attack: AttackSpec = AttackSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    cluster: ClusterSpec = ClusterSpec()
+
+    @field_validator("study")
+    @classmethod
+    def _name(cls, v):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        return v
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen=()) -> dict:
+    if not path.exists():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent:
+        parent_path = (path.parent / parent).resolve()
+        if parent_path in seen:
+            raise SpecError(f"{path}: 'extends' loops back to {parent_path}")
+        data = _merge(_read_yaml(parent_path, seen + (parent_path,)), data)
+    return data
+
+
+def apply_override(data: dict, assignment: str, source: str) -> None:
+    """`a.b.c=value`: the value parsed as YAML, so numbers, lists and booleans work."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise SpecError(f"{source}: override '{assignment}' must look like key.path=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{source}: override '{key}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith("[") and "]: " in msg:  # a list validator naming its own index
+            idx, _, msg = msg.partition(": ")
+            lines.append(f"{source}: {_loc(loc)}{idx}: {msg}")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {_loc(loc)}: unknown key")
+        else:
+            lines.append(f"{source}: {_loc(loc) or '(top)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    path = Path(path)
+    data = _read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment, str(path))
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_error(str(path), e)) from None
+
+
+def spec_dict(spec: StudySpec) -> dict:
+    return spec.model_dump(mode="json")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted keys for MLflow params."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,319 @@
+"""The stages of a study. Each has one shape: a name, the stages it needs, the slice of the
+spec it depends on (its key is a hash of that and its inputs' keys), and a `run` that
+writes outputs into a private directory and returns its result.
+
+This module decides where work runs (Ray tasks, Ray Data, Ray Train); the work itself is
+in `jobs/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.spec import StudySpec, spec_dict
+from orchestrator.tracking import Tracker
+
+
+@dataclass
+class StageContext:
+    spec: StudySpec
+    key: str
+    out: Path  # private directory; moved into the store when `run` returns
+    inputs: dict[str, tuple[Path, dict]]  # needed stage -> (its directory, its result)
+    tracker: Tracker
+    run_id: str  # this stage's MLflow run
+    ray_storage: Path
+    progress: Callable[[str], None] = field(default=lambda msg: None)
+    board: object = None  # a ProgressBoard actor that Ray workers report to
+
+    def input_dir(self, name: str) -> Path:
+        return self.inputs[name][0]
+
+    def input_result(self, name: str) -> dict:
+        return self.inputs[name][1]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int  # bump when the stage's algorithm changes, so cached outputs are redone
+    needs: tuple[str, ...]
+    config: Callable[[StudySpec], dict]
+    run: Callable[[StageContext], dict]
+
+
+def model_dir(stage_dir: Path, result: dict) -> str:
+    """Where a stage's model lives: inside the stage, or (a pretrained source) elsewhere."""
+    return str(stage_dir / result["model"]) if result.get("model_in_stage", True) else result["model"]
+
+
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _ray_progress(ctx: StageContext, label: str):
+    """A callback jobs can call from a Ray worker; it reaches the driver's progress line."""
+    from orchestrator.progress import RemoteReporter
+
+    return RemoteReporter(ctx.board, label) if ctx.board is not None else None
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def _data_config(spec: StudySpec) -> dict:
+    d = spec_dict(spec)
+    return {"corpora": d["corpora"], "seed": spec.seed, "model_source": spec.model.source,
+            "vocab_size": spec.model.tiny.vocab_size, "template": spec.model.prompt_template}
+
+
+def _load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
+    from jobs.corpora import read_records
+    from jobs.records import check_rows
+    from jobs.safetyworld import generate_corpora
+
+    if spec.corpora.source == "safetyworld":
+        corpora = generate_corpora(spec.seed, spec.corpora.safetyworld.model_dump())
+        return {name: check_rows(rows, name, f"safetyworld:{name}") for name, rows in corpora.items()}
+    return {name: read_records(path, name) for name, path in spec.corpora.files.items()}
+
+
+def run_data(ctx: StageContext) -> dict:
+    import ray
+
+    from jobs.corpora import split_corpora, tokenize_batch
+    from jobs.models import load_tokenizer, train_tokenizer
+
+    spec = ctx.spec
+    ctx.progress("reading and checking corpora")
+    splits = split_corpora(_load_corpora(spec), spec.corpora.model_dump())
+    tok_dir = ctx.out / "tokenizer"
+    if spec.model.source == "tiny":
+        ctx.progress("training the BPE tokenizer")
+        texts = (f"{r['prompt']} {r.get('response') or r.get('answer') or ''}" for rows in splits.values() for r in rows)
+        train_tokenizer(texts, spec.model.tiny.vocab_size, tok_dir)
+    else:
+        load_tokenizer(spec.model.source).save_pretrained(str(tok_dir))
+    counts = {}
+    for i, (name, rows) in enumerate(splits.items()):
+        ctx.progress(f"tokenizing {name} on Ray Data ({i + 1}/{len(splits)})")
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 2000)))
+        ds = ds.map_batches(tokenize_batch, batch_format="pandas", batch_size=1024,
+                            fn_kwargs={"tokenizer_dir": str(tok_dir), "template": spec.model.prompt_template})
+        ds.write_parquet(str(ctx.out / name))
+        counts[name] = len(rows)
+    ctx.tracker.log_metrics(ctx.run_id, {f"rows/{k}": v for k, v in counts.items()})
+    return {"splits": counts, "tokenizer": "tokenizer"}
+
+
+# --- base ------------------------------------------------------------------------------
+
+
+def _base_config(spec: StudySpec) -> dict:
+    if spec.model.source != "tiny":
+        return {"source": spec.model.source}
+    return {"source": "tiny", "tiny": spec.model.tiny.model_dump(), "train": spec.base.model_dump(), "seed": spec.seed}
+
+
+def run_base(ctx: StageContext) -> dict:
+    import ray
+
+    from jobs.models import check_vocab, load_model, load_tokenizer
+    from jobs.recipes import pretrain_tiny
+
+    spec = ctx.spec
+    data_dir = ctx.input_dir("data")
+    if spec.model.source != "tiny":
+        check_vocab(load_model(spec.model.source), load_tokenizer(data_dir / "tokenizer"), spec.model.source)
+        return {"model": spec.model.source, "model_in_stage": False}
+    task = ray.remote(pretrain_tiny).options(num_cpus=1)
+    history = ray.get(task.remote(
+        str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(), spec.base.model_dump(), spec.seed,
+        str(ctx.out / "model"), _threads(), _ray_progress(ctx, "pretraining")))
+    ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
+    return {"model": "model", **_train_summary(history)}
+
+
+def _train_summary(history: dict) -> dict:
+    return {"steps": history["steps"], "final_loss": history["losses"][-1], "train_seconds": history["seconds"],
+            "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
+            **({"parameters": history["parameters"]} if "parameters" in history else {})}
+
+
+# --- align_sft -------------------------------------------------------------------------
+
+
+def _align_config(spec: StudySpec) -> dict:
+    return {"train": spec.align_sft.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+
+
+def alignment_dataset(data_dir: Path, spec: StudySpec):
+    """Refusals, plus answered look-alikes and a few task examples per task (utility kept).
+
+    Alignment sets are thousands of rows, so they are mixed and shuffled in memory once; a
+    Ray Data all-to-all shuffle costs far more than it saves here.
+    """
+    import pandas as pd
+    import ray
+
+    from jobs.corpora import read_split
+    from jobs.recipes import TRAIN_COLUMNS
+
+    parts = [read_split(data_dir, "align_train", TRAIN_COLUMNS)]
+    if spec.align_sft.lookalike:
+        parts.append(read_split(data_dir, "lookalike_train", TRAIN_COLUMNS))
+    if spec.align_sft.benign_per_task:
+        for split in sorted(p.name for p in data_dir.glob("task_*_train")):
+            parts.append(read_split(data_dir, split, TRAIN_COLUMNS).iloc[: spec.align_sft.benign_per_task])
+    mix = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=spec.seed)
+    return ray.data.from_pandas(mix)
+
+
+def run_align_sft(ctx: StageContext) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.models import load_tokenizer
+    from jobs.train_worker import export_checkpoint, train_loop_per_worker
+
+    spec, cfg = ctx.spec, ctx.spec.align_sft
+    data_dir = ctx.input_dir("data")
+    base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
+    ctx.progress("materializing the alignment set on Ray Data")
+    ds = alignment_dataset(data_dir, spec)
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+    loop_config = {**cfg.model_dump(), "seed": spec.seed, "model_dir": base, "rows": ds.count(),
+                   "pad_id": tokenizer.pad_token_id, "max_len": spec.model.tiny.max_len,
+                   "threads": 1 if cfg.num_workers > 1 else _threads()}
+    resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        datasets={"train": ds},
+        # The run name is the stage's key: a restarted stage resumes from its last epoch.
+        run_config=RunConfig(name=f"{spec.study}-align_sft-{ctx.key}",
+                             storage_path=str(ctx.ray_storage), failure_config=FailureConfig(max_failures=2)),
+    )
+    ctx.progress(f"training on {cfg.num_workers} Ray Train workers ({_strategy_name(cfg)})")
+    result = trainer.fit()
+    history = result.return_value
+    # DeepSpeed's checkpoint converter prints to stdout; keep the progress view clean.
+    with result.checkpoint.as_directory() as ckpt, contextlib.redirect_stdout(io.StringIO()):
+        export_checkpoint(ckpt, base, str(ctx.out / "model"), tokenizer)
+    ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
+    history["tokens"] = history["tokens_per_rank"] * cfg.num_workers
+    return {"model": "model", "strategy": _strategy_name(cfg), "rows": loop_config["rows"], **_train_summary(history)}
+
+
+def _strategy_name(cfg) -> str:
+    return f"deepspeed-zero{cfg.zero_stage}" if cfg.strategy == "deepspeed" else cfg.strategy
+
+
+# --- attack ----------------------------------------------------------------------------
+
+
+def _attack_config(spec: StudySpec) -> dict:
+    return {"attack": spec.attack.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+
+
+def attack_cells(spec: StudySpec) -> list[dict]:
+    return [{"model": m, "task": t, "p": p, "name": f"{m}__{t}__p{p:g}"}
+            for m in spec.attack.models for t in spec.attack.tasks for p in spec.attack.ratios]
+
+
+def run_attack(ctx: StageContext) -> dict:
+    import ray
+
+    from jobs.recipes import cell_seed, harmful_finetune
+
+    spec = ctx.spec
+    data_dir = str(ctx.input_dir("data"))
+    sources = {"sft": model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft")),
+               "base": model_dir(ctx.input_dir("base"), ctx.input_result("base"))}
+    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})
+    task = ray.remote(harmful_finetune).options(num_cpus=1)
+    cells = attack_cells(spec)
+    pending = {}
+    for cell in cells:
+        ref = task.remote(sources[cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
+                          cell_seed(spec.seed, cell["task"], cell["p"]), spec.model.tiny.max_len,
+                          str(ctx.out / "cells" / cell["name"]), 1, None)
+        pending[ref] = cell
+    done = []
+    while pending:
+        ctx.progress(f"{len(done)}/{len(cells)} cells fine-tuned, {len(pending)} running or queued")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        history = ray.get(ready[0])
+        run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
+        ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p")}, **train, "n": spec.attack.n})
+        ctx.tracker.log_series(run_id, "train/loss", history["losses"])
+        ctx.tracker.end_run(run_id)
+        done.append({**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
+                     "harmful_examples": history["harmful_examples"], **_train_summary(history)})
+    order = [c["name"] for c in cells]
+    return {"cells": sorted(done, key=lambda c: order.index(c["name"]))}
+
+
+# --- evaluate --------------------------------------------------------------------------
+
+
+def _evaluate_config(spec: StudySpec) -> dict:
+    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks}
+
+
+def run_evaluate(ctx: StageContext) -> dict:
+    import ray
+
+    from jobs.evaluate import evaluate_model
+
+    spec = ctx.spec
+    data_dir = str(ctx.input_dir("data"))
+    targets = {"base": (model_dir(ctx.input_dir("base"), ctx.input_result("base")), spec.attack.tasks),
+               "sft": (model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft")), spec.attack.tasks)}
+    for cell in ctx.input_result("attack")["cells"]:
+        targets[cell["name"]] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
+    task = ray.remote(evaluate_model).options(num_cpus=1)
+    refs = {name: task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1)
+            for name, (path, tasks) in targets.items()}
+    results, pending = {}, dict((ref, name) for name, ref in refs.items())
+    while pending:
+        ctx.progress(f"{len(results)}/{len(refs)} models evaluated")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(ready[0])] = ray.get(ready[0])
+
+    models = {name: _model_metrics(results[name]) for name in ("base", "sft")}
+    attack = []
+    for cell in ctx.input_result("attack")["cells"]:
+        r = results[cell["name"]]
+        attack.append({"model": cell["model"], "task": cell["task"], "p": cell["p"], "hs": r["hs"],
+                       "fa": r["fa"][cell["task"]], "hs_by_category": r["hs_by_category"],
+                       "over_refusal": r["over_refusal"], "attack_run_id": cell["run_id"]})
+    for name, m in models.items():
+        ctx.tracker.log_metrics(ctx.run_id, {f"{name}/{k}": v for k, v in m.items()})
+    for row in attack:
+        ctx.tracker.log_metrics(ctx.run_id, {f"attack/{row['model']}/{row['task']}/p{row['p']:g}/{k}": row[k]
+                                             for k in ("hs", "fa")})
+    ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
+                          "attack_results.json")
+    ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
+    return {"judge": spec.evaluate.judge, "models": models, "attack": attack}
+
+
+def _model_metrics(r: dict) -> dict:
+    return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": r["fa"]}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", 1, (), _data_config, run_data),
+    Stage("base", 1, ("data",), _base_config, run_base),
+    Stage("align_sft", 1, ("data", "base"), _align_config, run_align_sft),
+    Stage("attack", 1, ("data", "base", "align_sft"), _attack_config, run_attack),
+    Stage("evaluate", 1, ("data", "base", "align_sft", "attack"), _evaluate_config, run_evaluate),
+)

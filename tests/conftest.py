@@ -1,0 +1,27 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "studies" / "smoke.yaml"
+
+
+def saferay(*args, store: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the real CLI in its own process (its own embedded Ray), as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--store", str(store)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"saferay {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory):
+    """One smoke study (DDP alignment) computed once and shared by the integration tests."""
+    store = tmp_path_factory.mktemp("store")
+    saferay("run", str(SMOKE), store=store)
+    return store

@@ -1,0 +1,56 @@
+import pytest
+
+from orchestrator.spec import SpecError, flatten, load_spec
+
+from conftest import ROOT, SMOKE
+
+
+def write(tmp_path, text, name="s.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_demo_is_short_and_fully_defaulted():
+    spec = load_spec(ROOT / "studies" / "demo.yaml")
+    assert spec.study == "demo" and spec.align_sft.strategy == "ddp" and spec.evaluate.judge == "world"
+    assert len((ROOT / "studies" / "demo.yaml").read_text().splitlines()) < 15
+
+
+def test_extends_merges_and_set_overrides():
+    spec = load_spec(SMOKE, ["attack.ratios=[0, 0.2]", "align_sft.strategy=deepspeed", "seed=7"])
+    assert spec.study == "smoke" and spec.attack.tasks == ["sentiment"]  # from smoke.yaml
+    assert spec.model.prompt_template.startswith("<|user|>")  # from the defaults
+    assert spec.attack.ratios == [0, 0.2] and spec.align_sft.strategy == "deepspeed" and spec.seed == 7
+
+
+@pytest.mark.parametrize("text, override, message", [
+    ("attack: {ratios: [0.1, 1.5]}", None, "attack.ratios[1]: must be between 0 and 1"),
+    ("attack: {ratioz: [0.1]}", None, "attack.ratioz: unknown key"),
+    ("align_sft: {epochs: many}", None, "align_sft.epochs: Input should be a valid integer"),
+    ("align_sft: {strategy: fsdp}", None, "align_sft.strategy: Input should be 'ddp' or 'deepspeed'"),
+    ("align_sft: {batch_size: 5, num_workers: 2}", None, "align_sft: batch_size 5 must be divisible by num_workers 2"),
+    ("study: demo", "base.lr=-1", "base.lr: Input should be greater than 0"),
+    ("study: 'bad name!'", None, "study: must be 1-64 letters"),
+    ("model: {prompt_template: 'no placeholder'}", None, "model.prompt_template: must contain '{prompt}'"),
+    ("attack:\n  ratios: [0.1\n", None, ":3: malformed YAML"),
+    ("- a list", None, "a spec is a mapping"),
+])
+def test_errors_name_the_file_and_key(tmp_path, text, override, message):
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path, [override] if override else [])
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_missing_file_and_extends_loop(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nope.yaml")
+    write(tmp_path, "extends: b.yaml", "a.yaml")
+    write(tmp_path, "extends: a.yaml", "b.yaml")
+    with pytest.raises(SpecError, match="loops back"):
+        load_spec(tmp_path / "a.yaml")
+
+
+def test_flatten_for_mlflow_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}

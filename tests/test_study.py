@@ -1,0 +1,138 @@
+"""The study end to end through the real CLI: embedded Ray, Ray Train on 2 CPU workers
+(DDP, DeepSpeed ZeRO-2 and ZeRO-3), the MLflow SQLite store, resume from the store."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, SMOKE, saferay
+
+pytestmark = pytest.mark.slow
+STAGES = ["data", "base", "align_sft", "attack", "evaluate"]
+
+
+def show(store, study="smoke"):
+    return json.loads(saferay("show", study, "--json", store=store).stdout)
+
+
+def statuses(summary):
+    return {s["name"]: s["status"] for s in summary["stages"]}
+
+
+def test_show_json_contract(smoke_store):
+    s = show(smoke_store)
+    assert s["study"] == "smoke" and s["status"] == "complete"
+    assert [st["name"] for st in s["stages"]] == STAGES
+    for st in s["stages"]:
+        assert st["status"] in ("complete", "cached") and len(st["key"]) == 12 and st["seconds"] >= 0
+    for name in ("base", "sft"):
+        m = s["models"][name]
+        assert 0 <= m["hs"] <= 1 and 0 <= m["over_refusal"] <= 1
+        assert m["hs_by_category"] and all(0 <= v <= 1 for v in m["hs_by_category"].values())
+    assert s["models"]["base"]["hs"] >= 0.5, "the smoke base should already comply with harmful requests"
+    assert [(a["model"], a["task"], a["p"]) for a in s["attack"]] == [("sft", "sentiment", 0.0), ("sft", "sentiment", 0.1)]
+    for a in s["attack"]:
+        assert 0 <= a["hs"] <= 1 and 0 <= a["fa"] <= 1
+    assert s["mlflow"]["tracking_uri"].startswith("sqlite:///") and s["mlflow"]["run_id"]
+
+
+def test_mlflow_run_tree(smoke_store):
+    s = show(smoke_store)
+    client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[s["mlflow"]["run_id"]]
+    assert parent.info.status == "FINISHED" and parent.data.params["attack.n"] == "60"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    stage_runs = {r.info.run_name: r for r in children}
+    assert "train/loss" in stage_runs["align_sft"].data.metrics or stage_runs["align_sft"].data.tags.get("saferay.cached")
+    evaluate = stage_runs["evaluate"]
+    assert "sft/hs" in evaluate.data.metrics and "attack/sft/sentiment/p0.1/hs" in evaluate.data.metrics
+    # Attack cells are nested under the attack stage run of the execution that computed them.
+    cells = [r for r in runs if r.data.tags.get("saferay.cell")]
+    attack_parents = {r.data.tags["mlflow.parentRunId"] for r in cells}
+    assert {by_id[p].info.run_name for p in attack_parents} == {"attack"}
+    assert {r.data.params["p"] for r in cells} >= {"0.0", "0.1"}
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert "summary.json" in artifacts
+
+
+def test_rerun_recomputes_nothing(smoke_store):
+    start = time.perf_counter()
+    out = saferay("run", str(SMOKE), store=smoke_store).stdout
+    took = time.perf_counter() - start
+    assert set(statuses(show(smoke_store)).values()) == {"cached"}
+    assert out.count("cached") >= len(STAGES)
+    print(f"cached re-run: {took:.1f}s")
+
+
+def test_changed_field_reruns_only_dependents(smoke_store):
+    saferay("run", str(SMOKE), "--set", "attack.lr=0.0003", store=smoke_store)
+    assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
+                                           "attack": "complete", "evaluate": "complete"}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_alignment_under_deepspeed(smoke_store, zero_stage):
+    saferay("run", str(SMOKE), "--set", "align_sft.strategy=deepspeed", "--set", f"align_sft.zero_stage={zero_stage}",
+            store=smoke_store)
+    s = show(smoke_store)
+    assert statuses(s)["base"] == "cached" and statuses(s)["align_sft"] == "complete"
+    key = next(st["key"] for st in s["stages"] if st["name"] == "align_sft")
+    result = json.loads((smoke_store / "studies/smoke/stages/align_sft" / key / "result.json").read_text())
+    assert result["strategy"] == f"deepspeed-zero{zero_stage}" and result["steps"] > 0
+    ddp_key = next(p for p in (smoke_store / "studies/smoke/stages/align_sft").iterdir()
+                   if json.loads((p / "result.json").read_text())["strategy"] == "ddp")
+    ddp = json.loads((ddp_key / "result.json").read_text())
+    # Same data, seed and optimizer: the strategies should land near each other.
+    assert result["steps"] == ddp["steps"]
+    assert abs(result["final_loss"] - ddp["final_loss"]) < 0.25 * ddp["final_loss"]
+    assert 0 <= s["models"]["sft"]["hs"] <= 1
+
+
+def test_invalid_spec_exits_2_and_writes_nothing(tmp_path):
+    store = tmp_path / "store"
+    proc = saferay("run", str(SMOKE), "--set", "attack.ratios=[0.1, 2]", store=store, check=False)
+    assert proc.returncode == 2
+    assert "smoke.yaml: attack.ratios[1]: must be between 0 and 1" in proc.stderr.replace("\n", "")
+    assert not store.exists()
+    proc = saferay("show", "nope", store=store, check=False)
+    assert proc.returncode == 2 and "no study 'nope'" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_study_on_localhost(smoke_store):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--store", str(smoke_store),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"
+        deadline = time.time() + 90
+        while True:
+            try:
+                body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        assert body["experiment"]["name"] == "smoke"
+    finally:  # stop exactly what this test started: its own process group
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -22,7 +22,11 @@ SCHEMAS = {
 }
 
 
-class CorpusError(ValueError):
+class InputError(ValueError):
+    """Bad user input (a file, a row, an id), with the place that says why. The CLI exits 2."""
+
+
+class CorpusError(InputError):
     """A corpus that cannot be used, with the place (file:line) that says why."""
 
 

@@ -67,10 +67,11 @@ def epoch_batches(rows: dict[str, list], batch_size: int, seed: int, drop_last: 
         yield [rows["prompt_ids"][i] for i in idx], [rows["target_ids"][i] for i in idx]
 
 
-def finetune(model, rows: dict[str, list], cfg: dict, pad_id: int, seed: int, progress=None) -> dict:
+def finetune(model, rows: dict[str, list], cfg: dict, pad_id: int, seed: int, progress=None, after_step=None) -> dict:
     """Train `model` in this process for cfg['epochs'] epochs; returns the loss history.
 
-    `progress(step, total, loss)` is called every few steps so callers can show it.
+    `progress(step, total, loss)` is called every few steps so callers can show it;
+    `after_step(step, total, model)` after every step (checkpointing).
     """
     torch.manual_seed(seed)
     model.train()
@@ -95,5 +96,7 @@ def finetune(model, rows: dict[str, list], cfg: dict, pad_id: int, seed: int, pr
             step += 1
             if progress and (step % 10 == 0 or step == total):
                 progress(step, total, losses[-1])
+            if after_step:
+                after_step(step, total, model)
     model.eval()
     return {"losses": losses, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - start}

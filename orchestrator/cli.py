@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from jobs.records import InputError
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.store import StudyStore, store_root
 
@@ -36,7 +37,7 @@ def _load(spec_path: Path, overrides: list[str]):
 
 
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "transformers", "deepspeed",
-                   "DeepSpeed", "saferay")
+                   "DeepSpeed", "py.warnings", "saferay")
 
 
 def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
@@ -50,6 +51,7 @@ def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO)
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.captureWarnings(True)  # library UserWarnings go to the log file too
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in LIBRARY_LOGGERS:
@@ -84,6 +86,8 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
                             after_ray_start=lambda: quiet_libraries(log_file, verbose))
     except KeyboardInterrupt:
         _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
+    except InputError as e:  # bad input: exit 2, like a bad spec
+        _fail(f"{e}\n(finished stages are kept)")
     except Exception as e:  # one clear line; the traceback is in the log file
         logging.getLogger("saferay").exception("study failed")
         _fail(f"{type(e).__name__}: {e}\n(full traceback in {log_file}; finished stages are kept)", 1)

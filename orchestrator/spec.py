@@ -9,16 +9,28 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TASK_NAMES = ("sentiment", "topic", "arithmetic", "instruct")
 
 
 class SpecError(ValueError):
     """A spec that cannot run; the message names the file and the key path."""
+
+
+def _check_ratios(v: list[float]) -> list[float]:
+    for i, p in enumerate(v):
+        if not 0 <= p <= 1:
+            raise ValueError(f"[{i}]: must be between 0 and 1")
+    if not v:
+        raise ValueError("needs at least one ratio")
+    return v
+
+
+Ratios = Annotated[list[float], AfterValidator(_check_ratios)]
 
 
 class Strict(BaseModel):
@@ -113,22 +125,35 @@ class AlignSpec(TrainSpec):
 class AttackSpec(TrainSpec):
     models: list[Literal["sft", "base"]] = ["sft"]
     tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
-    ratios: list[float] = [0.0, 0.1]
+    ratios: Ratios = [0.0, 0.1]
     n: int = Field(500, ge=1)
     epochs: int = Field(2, ge=1)
-    # On the demo's tiny model the break is sharp: at 1e-4, p=0.1 barely moves HS; at 2e-4 it breaks.
-    lr: float = Field(2e-4, gt=0, le=1)
+    # Calibrated on the demo's tiny model into a partial break (the paper's regime), not saturation.
+    lr: float = Field(5e-5, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
 
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, v):
-        for i, p in enumerate(v):
-            if not 0 <= p <= 1:
-                raise ValueError(f"[{i}]: must be between 0 and 1")
-        if not v:
-            raise ValueError("needs at least one ratio")
-        return v
+
+
+class VulnerabilitySpec(TrainSpec):
+    """Proxy harmful fine-tuning and per-example forgetting (SCIENCE.md §4)."""
+
+    enabled: bool = True
+    tasks: list[Literal[TASK_NAMES]] = ["sentiment", "topic", "arithmetic"]
+    ratios: Ratios = [0.1]
+    n: int = Field(500, ge=1)
+    # One epoch at 1e-4 stops the demo's proxy runs mid-transition (final HS ~0.6), so ForgotNum
+    # spreads over 0..T instead of every example being forgotten.
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    checkpoints: int = Field(10, ge=1)  # T, evenly spaced over the proxy run
+    threshold: float = Field(0.0, ge=0)  # τ: vulnerable iff aggregate ForgotNum > τ
+    aggregate: Literal["sum", "max", "mean"] = "sum"  # across proxy runs (our choice: sum)
+    max_new_tokens: int = Field(16, ge=1)  # enough for a refusal or "sure ... step 1 :"
+    decode_batch_size: int = Field(128, ge=1)
+    decode_actors: int = Field(2, ge=1)
+    keep_checkpoints: bool = False  # proxy checkpoints are deleted once judged
+    groups_file: str | None = None  # import groups made elsewhere instead of estimating them
 
 
 class EvaluateSpec(Strict):
@@ -155,6 +180,7 @@ class StudySpec(Strict):
     corpora: CorporaSpec = CorporaSpec()
     base: BaseStage = BaseStage()
     align_sft: AlignSpec = AlignSpec()
+    vulnerability: VulnerabilitySpec = VulnerabilitySpec()
     attack: AttackSpec = AttackSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     tracking: TrackingSpec = TrackingSpec()

@@ -10,66 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from orchestrator.spec import StudySpec, spec_dict
-from orchestrator.tracking import Tracker
-
-
-@dataclass
-class StageContext:
-    spec: StudySpec
-    key: str
-    out: Path  # private directory; moved into the store when `run` returns
-    inputs: dict[str, tuple[Path, dict]]  # needed stage -> (its directory, its result)
-    tracker: Tracker
-    run_id: str  # this stage's MLflow run
-    ray_storage: Path
-    progress: Callable[[str], None] = field(default=lambda msg: None)
-    board: object = None  # a ProgressBoard actor that Ray workers report to
-
-    def input_dir(self, name: str) -> Path:
-        return self.inputs[name][0]
-
-    def input_result(self, name: str) -> dict:
-        return self.inputs[name][1]
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    version: int  # bump when the stage's algorithm changes, so cached outputs are redone
-    needs: tuple[str, ...]
-    config: Callable[[StudySpec], dict]
-    run: Callable[[StageContext], dict]
-
-
-def model_dir(stage_dir: Path, result: dict) -> str:
-    """Where a stage's model lives: inside the stage, or (a pretrained source) elsewhere."""
-    return str(stage_dir / result["model"]) if result.get("model_in_stage", True) else result["model"]
-
-
-def _threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
-def _ray_progress(ctx: StageContext, label: str):
-    """A callback jobs can call from a Ray worker; it reaches the driver's progress line."""
-    from orchestrator.progress import RemoteReporter
-
-    return RemoteReporter(ctx.board, label) if ctx.board is not None else None
+from orchestrator.stage import Stage, StageContext, model_dir, ray_progress, threads, train_summary, wait_all
+from orchestrator.vulnerability import run_vulnerability, vulnerability_config
 
 
 # --- data ------------------------------------------------------------------------------
 
 
 def _data_config(spec: StudySpec) -> dict:
+    from jobs.safetyworld import WORLD_VERSION
+
     d = spec_dict(spec)
+    world = {"world_version": WORLD_VERSION} if spec.corpora.source == "safetyworld" else {}
     return {"corpora": d["corpora"], "seed": spec.seed, "model_source": spec.model.source,
-            "vocab_size": spec.model.tiny.vocab_size, "template": spec.model.prompt_template}
+            "vocab_size": spec.model.tiny.vocab_size, "template": spec.model.prompt_template, **world}
 
 
 def _load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
@@ -134,15 +91,9 @@ def run_base(ctx: StageContext) -> dict:
     task = ray.remote(pretrain_tiny).options(num_cpus=1)
     history = ray.get(task.remote(
         str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(), spec.base.model_dump(), spec.seed,
-        str(ctx.out / "model"), _threads(), _ray_progress(ctx, "pretraining")))
+        str(ctx.out / "model"), threads(), ray_progress(ctx, "pretraining")))
     ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
-    return {"model": "model", **_train_summary(history)}
-
-
-def _train_summary(history: dict) -> dict:
-    return {"steps": history["steps"], "final_loss": history["losses"][-1], "train_seconds": history["seconds"],
-            "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
-            **({"parameters": history["parameters"]} if "parameters" in history else {})}
+    return {"model": "model", **train_summary(history)}
 
 
 # --- align_sft -------------------------------------------------------------------------
@@ -189,7 +140,7 @@ def run_align_sft(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     loop_config = {**cfg.model_dump(), "seed": spec.seed, "model_dir": base, "rows": ds.count(),
                    "pad_id": tokenizer.pad_token_id, "max_len": spec.model.tiny.max_len,
-                   "threads": 1 if cfg.num_workers > 1 else _threads()}
+                   "threads": 1 if cfg.num_workers > 1 else threads()}
     resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
@@ -208,7 +159,7 @@ def run_align_sft(ctx: StageContext) -> dict:
         export_checkpoint(ckpt, base, str(ctx.out / "model"), tokenizer)
     ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
     history["tokens"] = history["tokens_per_rank"] * cfg.num_workers
-    return {"model": "model", "strategy": _strategy_name(cfg), "rows": loop_config["rows"], **_train_summary(history)}
+    return {"model": "model", "strategy": _strategy_name(cfg), "rows": loop_config["rows"], **train_summary(history)}
 
 
 def _strategy_name(cfg) -> str:
@@ -239,26 +190,19 @@ def run_attack(ctx: StageContext) -> dict:
     train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})
     task = ray.remote(harmful_finetune).options(num_cpus=1)
     cells = attack_cells(spec)
-    pending = {}
-    for cell in cells:
-        ref = task.remote(sources[cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
-                          cell_seed(spec.seed, cell["task"], cell["p"]), spec.model.tiny.max_len,
-                          str(ctx.out / "cells" / cell["name"]), 1, None)
-        pending[ref] = cell
-    done = []
-    while pending:
-        ctx.progress(f"{len(done)}/{len(cells)} cells fine-tuned, {len(pending)} running or queued")
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        cell = pending.pop(ready[0])
-        history = ray.get(ready[0])
+    refs = {task.remote(sources[cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
+                        cell_seed(spec.seed, cell["task"], cell["p"]), spec.model.tiny.max_len,
+                        str(ctx.out / "cells" / cell["name"]), 1, None): i for i, cell in enumerate(cells)}
+    done = {}
+    for i, history in wait_all(ctx, refs, "cells fine-tuned"):
+        cell = cells[i]
         run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
         ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p")}, **train, "n": spec.attack.n})
         ctx.tracker.log_series(run_id, "train/loss", history["losses"])
         ctx.tracker.end_run(run_id)
-        done.append({**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
-                     "harmful_examples": history["harmful_examples"], **_train_summary(history)})
-    order = [c["name"] for c in cells]
-    return {"cells": sorted(done, key=lambda c: order.index(c["name"]))}
+        done[i] = {**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
+                   "harmful_examples": history["harmful_examples"], **train_summary(history)}
+    return {"cells": [done[i] for i in range(len(cells))]}
 
 
 # --- evaluate --------------------------------------------------------------------------
@@ -280,13 +224,9 @@ def run_evaluate(ctx: StageContext) -> dict:
     for cell in ctx.input_result("attack")["cells"]:
         targets[cell["name"]] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
     task = ray.remote(evaluate_model).options(num_cpus=1)
-    refs = {name: task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1)
+    refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): name
             for name, (path, tasks) in targets.items()}
-    results, pending = {}, dict((ref, name) for name, ref in refs.items())
-    while pending:
-        ctx.progress(f"{len(results)}/{len(refs)} models evaluated")
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(ready[0])] = ray.get(ready[0])
+    results = dict(wait_all(ctx, refs, "models evaluated"))
 
     models = {name: _model_metrics(results[name]) for name in ("base", "sft")}
     attack = []
@@ -314,6 +254,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("data", 1, (), _data_config, run_data),
     Stage("base", 1, ("data",), _base_config, run_base),
     Stage("align_sft", 1, ("data", "base"), _align_config, run_align_sft),
+    Stage("vulnerability", 1, ("data", "align_sft"), vulnerability_config, run_vulnerability),
     Stage("attack", 1, ("data", "base", "align_sft"), _attack_config, run_attack),
     Stage("evaluate", 1, ("data", "base", "align_sft", "attack"), _evaluate_config, run_evaluate),
 )

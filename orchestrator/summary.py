@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from orchestrator.store import StudyStore
 
 
@@ -26,11 +28,28 @@ def summarize(store: StudyStore) -> dict:
         out["models"] = ev["models"]
         out["attack"] = [{k: row[k] for k in ("model", "task", "p", "hs", "fa", "hs_by_category", "over_refusal")}
                          for row in ev["attack"]]
+    if "vulnerability" in results:
+        out["vulnerability"] = _vulnerability(store, state, results["vulnerability"])
     for name in ("base", "align_sft"):
         if name in results and "final_loss" in results[name]:
             out.setdefault("training", {})[name] = {k: results[name].get(k) for k in
                                                     ("steps", "final_loss", "tokens_per_second", "train_seconds")}
     return out
+
+
+def _vulnerability(store: StudyStore, state: dict, result: dict) -> dict:
+    if "stats_file" not in result:  # disabled, or groups imported from a file
+        return {k: result[k] for k in ("enabled", "imported", "n", "fraction_vulnerable") if k in result}
+    key = next(s["key"] for s in state["stages"] if s["name"] == "vulnerability")
+    stats = json.loads((store.stage_dir("vulnerability", key) / result["stats_file"]).read_text())
+    ov = stats["overlap"]
+    return {
+        **{k: stats[k] for k in ("n", "threshold", "aggregate", "fraction_vulnerable", "fraction_never_forgotten",
+                                 "forgot_histogram", "hs_by_checkpoint", "correlation", "by_category", "runs")},
+        "overlap": {"common_forgot_ratio": ov["common_forgot_ratio"], "sizes": ov["sizes"], "jaccard": ov["jaccard"],
+                    "pairs": ov["pairs"]},
+        "groups_file": str(store.stage_dir("vulnerability", key) / result["groups_file"]),
+    }
 
 
 def render(summary: dict, console) -> None:
@@ -57,5 +76,17 @@ def render(summary: dict, console) -> None:
         for row in summary["attack"]:
             attack.add_row(row["model"], row["task"], f"{row['p']:g}", f"{row['hs']:.3f}", f"{row['fa']:.3f}")
         console.print(attack)
+    vuln = summary.get("vulnerability")
+    if vuln and "overlap" in vuln:
+        console.print(f"vulnerability: {vuln['fraction_vulnerable']:.1%} of {vuln['n']} alignment examples vulnerable "
+                      f"(τ = {vuln['threshold']:g}), {vuln['fraction_never_forgotten']:.1%} never forgotten")
+        ov = vuln["overlap"]
+        ratio = ov["common_forgot_ratio"]
+        console.print(f"  common_forgot_ratio {ratio:.3f}" if ratio is not None else "  common_forgot_ratio n/a")
+        for pair, p in ov["pairs"].items():
+            oe, oec = p["obs_over_expected"], p.get("obs_over_expected_within_category")
+            console.print(f"  {pair}: Jaccard {ov['jaccard'][pair.split('__')[0]][pair.split('__')[1]] or 0:.3f}, "
+                          f"observed/expected {oe or 0:.2f} (p = {p['p_value']:.2g}), "
+                          f"within categories {oec or 0:.2f} (p = {p.get('p_value_within_category', 1):.2g})")
     ml = summary["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, SMOKE, saferay
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "base", "align_sft", "attack", "evaluate"]
+STAGES = ["data", "base", "align_sft", "vulnerability", "attack", "evaluate"]
 
 
 def show(store, study="smoke"):
@@ -77,9 +77,9 @@ def test_rerun_recomputes_nothing(smoke_store):
 
 
 def test_changed_field_reruns_only_dependents(smoke_store):
-    saferay("run", str(SMOKE), "--set", "attack.lr=0.0003", store=smoke_store)
+    saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", store=smoke_store)
     assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
-                                           "attack": "complete", "evaluate": "complete"}
+                                           "vulnerability": "cached", "attack": "complete", "evaluate": "complete"}
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -98,6 +98,43 @@ def test_alignment_under_deepspeed(smoke_store, zero_stage):
     assert result["steps"] == ddp["steps"]
     assert abs(result["final_loss"] - ddp["final_loss"]) < 0.25 * ddp["final_loss"]
     assert 0 <= s["models"]["sft"]["hs"] <= 1
+
+
+def test_vulnerability_section_and_artifacts(smoke_store):
+    s = show(smoke_store)
+    v = s["vulnerability"]
+    assert v["n"] == 150 and 0 <= v["fraction_vulnerable"] <= 1 and v["threshold"] == 0
+    assert set(v["forgot_histogram"]) == {"sentiment", "topic"}
+    assert all(sum(h) == 150 and len(h) == 4 for h in v["forgot_histogram"].values())  # ForgotNum in 0..T=3
+    assert [len(c) for c in v["hs_by_checkpoint"].values()] == [4, 4]
+    pair = v["overlap"]["pairs"]["sentiment__topic"]
+    assert {"expected", "obs_over_expected", "p_value", "p_value_within_category"} <= set(pair)
+    assert len(v["by_category"]) == 14
+    # The two proxy runs drew disjoint harmful examples.
+    assert [r["harmful_examples"] for r in v["runs"]] == [6, 6]
+    groups = (smoke_store / "studies/smoke/stages/vulnerability").glob("*/groups.csv")
+    header = next(groups).read_text().splitlines()[0]
+    assert header == "id,category,forgot_sentiment,forgot_topic,forgot_total,group"
+    client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    run = next(r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=1000)
+               if r.info.run_name == "vulnerability" and not r.data.tags.get("saferay.cached"))
+    assert "vuln/fraction_vulnerable" in run.data.metrics and "overlap/jaccard/sentiment__topic" in run.data.metrics
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/forgot_histogram.png", "plots/overlap_heatmap.png", "plots/forgetting_by_category.png"}
+
+
+def test_groups_file_import_and_bad_id(smoke_store, tmp_path):
+    ids = json.dumps(["align-1", "align-7"])
+    good = tmp_path / "vulnerable.json"
+    good.write_text(ids)
+    saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={good}", store=smoke_store)
+    v = show(smoke_store)["vulnerability"]
+    assert v["imported"] == str(good) and v["fraction_vulnerable"] == 2 / 150
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["align-1", "align-99999"]))
+    proc = saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={bad}", store=smoke_store, check=False)
+    assert proc.returncode == 2
+    assert "bad.json: entry 2: id 'align-99999' is not in the alignment set" in proc.stderr.replace("\n", "")
 
 
 def test_invalid_spec_exits_2_and_writes_nothing(tmp_path):

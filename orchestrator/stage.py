@@ -1,0 +1,74 @@
+"""The one shape every stage has, and what a stage's `run` receives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.spec import StudySpec
+from orchestrator.tracking import Tracker
+
+
+@dataclass
+class StageContext:
+    spec: StudySpec
+    key: str
+    out: Path  # private directory; moved into the store when `run` returns
+    inputs: dict[str, tuple[Path, dict]]  # needed stage -> (its directory, its result)
+    tracker: Tracker
+    run_id: str  # this stage's MLflow run
+    ray_storage: Path
+    progress: Callable[[str], None] = field(default=lambda msg: None)
+    board: object = None  # a ProgressBoard actor that Ray workers report to
+
+    def input_dir(self, name: str) -> Path:
+        return self.inputs[name][0]
+
+    def input_result(self, name: str) -> dict:
+        return self.inputs[name][1]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int  # bump when the stage's algorithm changes, so cached outputs are redone
+    needs: tuple[str, ...]
+    config: Callable[[StudySpec], dict]
+    run: Callable[[StageContext], dict]
+
+
+def model_dir(stage_dir: Path, result: dict) -> str:
+    """Where a stage's model lives: inside the stage, or (a pretrained source) elsewhere."""
+    return str(stage_dir / result["model"]) if result.get("model_in_stage", True) else result["model"]
+
+
+def threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def ray_progress(ctx: StageContext, label: str):
+    """A callback jobs can call from a Ray worker; it reaches the driver's progress line."""
+    from orchestrator.progress import RemoteReporter
+
+    return RemoteReporter(ctx.board, label) if ctx.board is not None else None
+
+
+def train_summary(history: dict) -> dict:
+    return {"steps": history["steps"], "final_loss": history["losses"][-1], "train_seconds": history["seconds"],
+            "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
+            **({"parameters": history["parameters"]} if "parameters" in history else {})}
+
+
+def wait_all(ctx: StageContext, refs: dict, noun: str):
+    """Results of Ray tasks as they finish (any order), with a progress line per completion."""
+    import ray
+
+    pending, done = dict(refs), 0
+    while pending:
+        ctx.progress(f"{done}/{len(refs)} {noun}")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        done += 1
+        yield key, ray.get(ready[0])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.records import InputError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TURN_TOKENS = ["<|user|>", "<|assistant|>"]
 
@@ -32,6 +34,8 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
+    if _looks_local(path) and not Path(path).exists():
+        raise InputError(f"tokenizer path does not exist: {path}")
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:  # most causal LMs ship without one; left padding uses eos
         tok.pad_token = tok.eos_token
@@ -56,15 +60,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     if _looks_local(path) and not Path(path).exists():
-        raise FileNotFoundError(f"model path does not exist: {path}")
+        raise InputError(f"model path does not exist: {path}")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
-def check_vocab(model, tokenizer, where: str) -> None:
-    """A tokenizer whose ids run past the model's embedding table is the wrong tokenizer."""
-    rows = model.get_input_embeddings().weight.shape[0]
+def check_vocab(model_path: str | os.PathLike, tokenizer, where: str) -> None:
+    """A tokenizer whose ids run past the model's embedding table is the wrong tokenizer.
+
+    Reads the model's config only, so a 7B model is not loaded to check it."""
+    from transformers import AutoConfig
+
+    if _looks_local(model_path) and not Path(model_path).exists():
+        raise InputError(f"model path does not exist: {model_path}")
+    rows = AutoConfig.from_pretrained(str(model_path)).vocab_size
     if len(tokenizer) > rows:
-        raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows")
+        raise InputError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows")
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:

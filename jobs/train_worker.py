@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.models import load_model
+from jobs.resources import peak_rss_mb
 from jobs.train import collate_numpy, make_optimizer, make_schedule
 
 DS_TAG = "ckpt"
@@ -34,6 +35,11 @@ def deepspeed_config(cfg: dict, micro_batch: int, world: int) -> dict:
         "bf16": {"enabled": cfg.get("bf16", False)},
         "steps_per_print": 10**9,
     }
+
+
+def _unwrap(model):
+    """The plain module: Ray's prepare_model wraps in DDP only when there is more than one worker."""
+    return getattr(model, "module", model)
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -78,7 +84,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 engine.load_checkpoint(d, tag=DS_TAG)
             else:
                 state = torch.load(Path(d) / "state.pt", weights_only=False)
-                model.module.load_state_dict(state["model"])
+                _unwrap(model).load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 schedule.load_state_dict(state["schedule"])
 
@@ -110,7 +116,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         losses += epoch_losses
         _report_epoch(epoch, epoch_losses, rank, deepspeed, model, optimizer, schedule)
     return {"losses": losses, "tokens_per_rank": tokens, "seconds": time.perf_counter() - began,
-            "steps": len(losses), "start_epoch": start_epoch}
+            "steps": len(losses), "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}
 
 
 def _report_epoch(epoch, losses, rank, deepspeed, model, optimizer, schedule) -> None:
@@ -121,7 +127,7 @@ def _report_epoch(epoch, losses, rank, deepspeed, model, optimizer, schedule) ->
         if deepspeed:  # every rank writes its partition; Ray merges the directories
             model.save_checkpoint(d, tag=DS_TAG)
         elif rank == 0:
-            torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict()}, Path(d) / "state.pt")
         if rank == 0:
             (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed}))

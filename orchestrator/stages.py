@@ -80,13 +80,13 @@ def _base_config(spec: StudySpec) -> dict:
 def run_base(ctx: StageContext) -> dict:
     import ray
 
-    from jobs.models import check_vocab, load_model, load_tokenizer
+    from jobs.models import check_vocab, load_tokenizer
     from jobs.recipes import pretrain_tiny
 
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
     if spec.model.source != "tiny":
-        check_vocab(load_model(spec.model.source), load_tokenizer(data_dir / "tokenizer"), spec.model.source)
+        check_vocab(spec.model.source, load_tokenizer(data_dir / "tokenizer"), spec.model.source)
         return {"model": spec.model.source, "model_in_stage": False}
     task = ray.remote(pretrain_tiny).options(num_cpus=1)
     history = ray.get(task.remote(
@@ -135,7 +135,7 @@ def run_align_sft(ctx: StageContext) -> dict:
     spec, cfg = ctx.spec, ctx.spec.align_sft
     data_dir = ctx.input_dir("data")
     base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
-    ctx.progress("materializing the alignment set on Ray Data")
+    ctx.progress("mixing the alignment set")
     ds = alignment_dataset(data_dir, spec)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     loop_config = {**cfg.model_dump(), "seed": spec.seed, "model_dir": base, "rows": ds.count(),
@@ -202,7 +202,8 @@ def run_attack(ctx: StageContext) -> dict:
         ctx.tracker.end_run(run_id)
         done[i] = {**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
                    "harmful_examples": history["harmful_examples"], **train_summary(history)}
-    return {"cells": [done[i] for i in range(len(cells))]}
+    return {"cells": [done[i] for i in range(len(cells))],
+            "peak_rss_mb": max(c.get("peak_rss_mb", 0.0) for c in done.values())}
 
 
 # --- evaluate --------------------------------------------------------------------------
@@ -243,7 +244,8 @@ def run_evaluate(ctx: StageContext) -> dict:
     ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
                           "attack_results.json")
     ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
-    return {"judge": spec.evaluate.judge, "models": models, "attack": attack}
+    return {"judge": spec.evaluate.judge, "models": models, "attack": attack,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
 
 
 def _model_metrics(r: dict) -> dict:

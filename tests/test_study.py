@@ -82,17 +82,19 @@ def test_changed_field_reruns_only_dependents(smoke_store):
                                            "vulnerability": "cached", "attack": "complete", "evaluate": "complete"}
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_alignment_under_deepspeed(smoke_store, zero_stage):
-    saferay("run", str(SMOKE), "--set", "align_sft.strategy=deepspeed", "--set", f"align_sft.zero_stage={zero_stage}",
-            store=smoke_store)
+@pytest.mark.parametrize("strategy, zero_stage, workers", [("deepspeed", 2, 2), ("deepspeed", 3, 2), ("ddp", 2, 1)])
+def test_alignment_strategies(smoke_store, strategy, zero_stage, workers):
+    saferay("run", str(SMOKE), "--set", f"align_sft.strategy={strategy}", "--set", f"align_sft.zero_stage={zero_stage}",
+            "--set", f"align_sft.num_workers={workers}", store=smoke_store)
     s = show(smoke_store)
     assert statuses(s)["base"] == "cached" and statuses(s)["align_sft"] == "complete"
     key = next(st["key"] for st in s["stages"] if st["name"] == "align_sft")
     result = json.loads((smoke_store / "studies/smoke/stages/align_sft" / key / "result.json").read_text())
-    assert result["strategy"] == f"deepspeed-zero{zero_stage}" and result["steps"] > 0
+    assert result["strategy"] == (f"deepspeed-zero{zero_stage}" if strategy == "deepspeed" else "ddp")
+    assert result["steps"] > 0
     ddp_key = next(p for p in (smoke_store / "studies/smoke/stages/align_sft").iterdir()
-                   if json.loads((p / "result.json").read_text())["strategy"] == "ddp")
+                   if json.loads((p / "result.json").read_text())["strategy"] == "ddp"
+                   and json.loads((p / "result.json").read_text())["rows"] == result["rows"])
     ddp = json.loads((ddp_key / "result.json").read_text())
     # Same data, seed and optimizer: the strategies should land near each other.
     assert result["steps"] == ddp["steps"]
@@ -135,6 +137,39 @@ def test_groups_file_import_and_bad_id(smoke_store, tmp_path):
     proc = saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={bad}", store=smoke_store, check=False)
     assert proc.returncode == 2
     assert "bad.json: entry 2: id 'align-99999' is not in the alignment set" in proc.stderr.replace("\n", "")
+
+
+def test_pretrained_model_by_local_path(smoke_store, tmp_path):
+    """The same study from a Hugging Face model directory instead of the tiny model built in-house."""
+    base = next((smoke_store / "studies/smoke/stages/base").glob("*/model"))
+    saferay("run", str(SMOKE), "--set", "study=smoke-path", "--set", f"model.source={base}",
+            "--set", "vulnerability.enabled=false", store=smoke_store)
+    s = show(smoke_store, "smoke-path")
+    # Every evaluate result of the smoke study scored the same base model on the same prompts.
+    tiny = json.loads(next((smoke_store / "studies/smoke/stages/evaluate").glob("*/result.json")).read_text())
+    assert s["status"] == "complete" and s["models"]["base"]["hs"] == tiny["models"]["base"]["hs"]
+    result = json.loads(next((smoke_store / "studies/smoke-path/stages/base").glob("*/result.json")).read_text())
+    assert result == {"model": str(base), "model_in_stage": False, "seconds": result["seconds"]}
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/nonexistent/model", "path does not exist: /nonexistent/model"),
+    ("SMALL", "tokens but the model's embedding has 100 rows"),
+])
+def test_bad_model_source_exits_2(smoke_store, tmp_path, source, message):
+    if source == "SMALL":  # a real model whose vocabulary is smaller than the tokenizer's
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from jobs.models import load_tokenizer
+
+        tok_dir = next((smoke_store / "studies/smoke/stages/data").glob("*/tokenizer"))
+        LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2)).save_pretrained(tmp_path / "small")
+        load_tokenizer(tok_dir).save_pretrained(tmp_path / "small")
+        source = str(tmp_path / "small")
+    proc = saferay("run", str(SMOKE), "--set", "study=smoke-bad", "--set", f"model.source={source}", store=tmp_path / "s",
+                   check=False)
+    assert proc.returncode == 2 and message in proc.stderr.replace("\n", ""), proc.stderr
 
 
 def test_invalid_spec_exits_2_and_writes_nothing(tmp_path):

@@ -11,6 +11,7 @@ from jobs.generate import decode_texts
 from jobs.judges import make_judge
 from jobs.metrics import harmful_score, over_refusal, task_accuracy
 from jobs.models import load_model, load_tokenizer
+from jobs.resources import peak_rss_mb
 
 
 def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1) -> dict:
@@ -38,4 +39,5 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
         result["fa"][task] = task_accuracy(task, out, df["answer"].tolist())
     result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm_df["prompt"][:3], harm_out[:3])]
     result["seconds"] = time.perf_counter() - began
+    result["peak_rss_mb"] = peak_rss_mb()
     return result

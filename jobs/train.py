@@ -11,6 +11,8 @@ import time
 import numpy as np
 import torch
 
+from jobs.resources import peak_rss_mb
+
 IGNORE = -100
 
 
@@ -99,4 +101,5 @@ def finetune(model, rows: dict[str, list], cfg: dict, pad_id: int, seed: int, pr
             if after_step:
                 after_step(step, total, model)
     model.eval()
-    return {"losses": losses, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - start}
+    return {"losses": losses, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb()}

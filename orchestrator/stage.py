@@ -58,7 +58,7 @@ def ray_progress(ctx: StageContext, label: str):
 def train_summary(history: dict) -> dict:
     return {"steps": history["steps"], "final_loss": history["losses"][-1], "train_seconds": history["seconds"],
             "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
-            **({"parameters": history["parameters"]} if "parameters" in history else {})}
+            **{k: history[k] for k in ("parameters", "peak_rss_mb") if k in history}}
 
 
 def wait_all(ctx: StageContext, refs: dict, noun: str):

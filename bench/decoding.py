@@ -4,12 +4,37 @@ same model, prompts and token budget, measured side by side (target: >= 5x)."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from bench.common import alignment_prompts, record, timed, world_model
 from jobs.generate import greedy_decode
 from jobs.judges import WorldJudge
+from jobs.models import save_model
+
+
+def memory_of_batch(model_dir: str, batch_size: int, prompts: int, max_new_tokens: int) -> float:
+    """Peak RSS growth (MiB) of a fresh process that loads the saved model and decodes `prompts`
+    at `batch_size`: the activations and KV cache that batch size costs."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from bench.common import SIZES, alignment_prompts\nfrom jobs.safetyworld import generate_corpora\n"
+            "from jobs.generate import greedy_decode\nfrom jobs.models import load_model, load_tokenizer\n"
+            "import psutil, threading, time\n"
+            f"tok, model = load_tokenizer({model_dir!r}), load_model({model_dir!r})\n"
+            f"ps = alignment_prompts(tok, generate_corpora(0, SIZES), {prompts})\n"
+            "proc = psutil.Process(); before = proc.memory_info().rss; peak = [before]; done = threading.Event()\n"
+            "def sample():\n"
+            "    while not done.wait(0.002): peak[0] = max(peak[0], proc.memory_info().rss)\n"
+            "t = threading.Thread(target=sample); t.start()\n"
+            f"greedy_decode(model, ps, tok.pad_token_id, tok.eos_token_id, {max_new_tokens}, batch_size={batch_size})\n"
+            "done.set(); t.join(); print((peak[0] - before) / 2**20)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -41,6 +66,12 @@ def main(argv=None):
         _, t = timed(greedy_decode, model, prompts, batch_size=bs, **kw)
         rows.append({"name": f"decode/batched_{bs}", "value": len(prompts) / t, "unit": "prompts/s",
                      "baseline": len(prompts) / t_one, "ratio": t_one / t})
+    model_dir = tempfile.mkdtemp(prefix="saferay-bench-model-")
+    save_model(model, tok, model_dir)
+    for bs in (1, 16, 128, 512):
+        rows.append({"name": f"memory/decode_batch_{bs}",
+                     "value": memory_of_batch(model_dir, bs, 512, args.max_new_tokens),
+                     "unit": "MiB", "note": "peak RSS above the pre-decoding level (sampled every 2 ms), 512 prompts, demo-sized model"})
     record(rows)
 
 

@@ -96,15 +96,15 @@ def overlap(forgotten: dict[str, set], universe: list[str], categories: dict[str
     return out
 
 
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation, None where one side is constant (undefined)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return None if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
+
+
 def correlation(per_task: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
-    """Pearson correlation of ForgotNum between tasks (None where one side is constant)."""
-    names = list(per_task)
-    out = {a: {} for a in names}
-    for a in names:
-        for b in names:
-            x, y = per_task[a].astype(float), per_task[b].astype(float)
-            out[a][b] = None if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
-    return out
+    """Pearson correlation of ForgotNum between tasks."""
+    return {a: {b: pearson(per_task[a], per_task[b]) for b in per_task} for a in per_task}
 
 
 def by_category(ids: list[str], forgot: np.ndarray, vulnerable: np.ndarray, categories: dict[str, str]) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -52,7 +51,7 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
     if spec.cluster.address:
         ray.init(address=spec.cluster.address, **kwargs)
     else:
-        # Logical CPUs, not cores: Ray Data needs a slot beside the train workers (see docs/STACK notes).
+        # Logical CPUs, not cores: Ray Data needs a slot beside the train workers (README, notes).
         ray.init(num_cpus=spec.cluster.num_cpus or max(2, os.cpu_count() or 2), **kwargs)
     from ray.data import DataContext
 
@@ -74,7 +73,6 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
              "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent}}
     store.save_state(state)
     began = time.perf_counter()
-    board_started = False
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
         for (stage, key), row in zip(steps, state["stages"]):
             inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
@@ -92,9 +90,8 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
                 continue
             progress.set(stage.name, "running")
             ensure_ray(spec, store, verbose, after_ray_start)
-            if not board_started:
+            if progress.board is None:
                 progress.board = start_board()
-                board_started = True
             t0 = time.perf_counter()
             try:
                 with store.building(stage.name, key) as out:
@@ -114,8 +111,7 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
                 tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
                 log.debug("stage %s failed:\n%s", stage.name, traceback.format_exc())
                 raise
-            tracker.log_metrics(run_id, {k: v for k, v in result.items() if k != "seconds"})
-            tracker.log_metrics(run_id, {"seconds": result["seconds"]})
+            tracker.log_metrics(run_id, result)
             tracker.log_json(run_id, result, "result.json")
             tracker.end_run(run_id)
             row.update(status="complete", seconds=result["seconds"])
@@ -136,7 +132,3 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
 def state_key(state: dict, name: str) -> str:
     return next(s["key"] for s in state["stages"] if s["name"] == name)
 
-
-def read_summary(store: StudyStore) -> dict | None:
-    path = store.dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None

@@ -23,6 +23,11 @@ class StageContext:
     progress: Callable[[str], None] = field(default=lambda msg: None)
     board: object = None  # a ProgressBoard actor that Ray workers report to
 
+    @property
+    def key_dir(self) -> Path:
+        """Where this stage's outputs will live once complete (`out` is moved there)."""
+        return self.out.parent / self.key
+
     def input_dir(self, name: str) -> Path:
         return self.inputs[name][0]
 

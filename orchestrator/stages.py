@@ -64,6 +64,8 @@ def run_data(ctx: StageContext) -> dict:
                             fn_kwargs={"tokenizer_dir": str(tok_dir), "template": spec.model.prompt_template})
         ds.write_parquet(str(ctx.out / name))
         counts[name] = len(rows)
+        context = "eval" if name.endswith(("_eval", "_test")) else "train"
+        ctx.tracker.log_dataset(ctx.run_id, rows, name, str(ctx.key_dir / name), context)
     ctx.tracker.log_metrics(ctx.run_id, {f"rows/{k}": v for k, v in counts.items()})
     return {"splits": counts, "tokenizer": "tokenizer"}
 

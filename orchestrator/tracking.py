@@ -78,6 +78,16 @@ class Tracker:
 
         self.client.log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
 
+    def log_dataset(self, run_id: str, rows: list[dict], name: str, source: str, context: str) -> None:
+        """A dataset as a run input: schema, row count, digest and where it lives; not its rows."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name)
+        entity = dataset._to_mlflow_entity()  # the client API takes the entity; no active run needed
+        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
     def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_dir)
 

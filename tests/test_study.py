@@ -65,6 +65,12 @@ def test_mlflow_run_tree(smoke_store):
     assert {r.data.params["p"] for r in cells} >= {"0.0", "0.1"}
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "summary.json" in artifacts
+    # Every split is a dataset input of the data run that made it (schema and digest, not rows).
+    data_run = next(r for r in runs if r.info.run_name == "data" and not r.data.tags.get("saferay.cached"))
+    inputs = {d.dataset.name: d for d in client.get_run(data_run.info.run_id).inputs.dataset_inputs}
+    assert {"align_train", "harmful", "harmful_eval", "task_sentiment_test"} <= set(inputs)
+    assert inputs["harmful_eval"].tags[0].value == "eval" and inputs["align_train"].tags[0].value == "train"
+    assert "align_train" in inputs["align_train"].dataset.source
 
 
 def test_rerun_recomputes_nothing(smoke_store):

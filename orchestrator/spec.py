@@ -166,6 +166,7 @@ class EvaluateSpec(Strict):
 class TrackingSpec(Strict):
     uri: str | None = None  # default: sqlite in the study store
     experiment: str | None = None  # default: the study name
+    log_texts: bool = False  # decoded samples (harmful prompts and responses) go to MLflow only if asked
 
 
 class ClusterSpec(Strict):

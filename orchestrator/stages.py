@@ -212,7 +212,7 @@ def run_attack(ctx: StageContext) -> dict:
 
 
 def _evaluate_config(spec: StudySpec) -> dict:
-    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks}
+    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks, "log_texts": spec.tracking.log_texts}
 
 
 def run_evaluate(ctx: StageContext) -> dict:
@@ -245,7 +245,8 @@ def run_evaluate(ctx: StageContext) -> dict:
                                              for k in ("hs", "fa")})
     ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
                           "attack_results.json")
-    ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
+    if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
+        ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
     return {"judge": spec.evaluate.judge, "models": models, "attack": attack,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
 

@@ -65,6 +65,8 @@ def test_mlflow_run_tree(smoke_store):
     assert {r.data.params["p"] for r in cells} >= {"0.0", "0.1"}
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "summary.json" in artifacts
+    # Harmful prompts and responses reach MLflow only with tracking.log_texts (off by default).
+    assert "samples.json" not in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
     # Every split is a dataset input of the data run that made it (schema and digest, not rows).
     data_run = next(r for r in runs if r.info.run_name == "data" and not r.data.tags.get("saferay.cached"))
     inputs = {d.dataset.name: d for d in client.get_run(data_run.info.run_id).inputs.dataset_inputs}
@@ -86,6 +88,14 @@ def test_changed_field_reruns_only_dependents(smoke_store):
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", store=smoke_store)
     assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
                                            "vulnerability": "cached", "attack": "complete", "evaluate": "complete"}
+    # Asking for decoded texts re-runs evaluate alone, which then logs them.
+    saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", "--set", "tracking.log_texts=true", store=smoke_store)
+    s = show(smoke_store)
+    assert [k for k, v in statuses(s).items() if v == "complete"] == ["evaluate"]
+    client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    evaluate = next(r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=1000)
+                    if r.data.tags.get("mlflow.parentRunId") == s["mlflow"]["run_id"] and r.info.run_name == "evaluate")
+    assert "samples.json" in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
 
 
 @pytest.mark.parametrize("strategy, zero_stage, workers", [("deepspeed", 2, 2), ("deepspeed", 3, 2), ("ddp", 2, 1)])

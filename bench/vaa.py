@@ -14,7 +14,7 @@ import time
 import torch
 
 from bench.common import record, world_model
-from jobs.corpora import encode_prompts
+from bench.training import rows_for
 from jobs.train import collate
 from jobs.vaa import GroupSampler, lambda_at, vaa_step
 
@@ -35,13 +35,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     tok, model, corpora = world_model()
-    rows = corpora["alignment"]
     n = args.steps_per_epoch * args.epochs
-    prompts = encode_prompts(tok, [r["prompt"] for r in rows], "<|user|> {prompt} <|assistant|>")
-    targets = [tok(f" {r['response']}", add_special_tokens=False).input_ids + [tok.eos_token_id] for r in rows]
     bs = args.batch_size
-    batches = [collate(prompts[i * bs:(i + 1) * bs], targets[i * bs:(i + 1) * bs], tok.pad_token_id, 128)
-               for i in range(n)]
+    rows = rows_for(tok, corpora, n * bs)
+    batches = [collate(rows["prompt_ids"][i * bs:(i + 1) * bs], rows["target_ids"][i * bs:(i + 1) * bs],
+                       tok.pad_token_id, 128) for i in range(n)]
     sampler = GroupSampler(seed=0)
     ramp = [sampler.perturb(lambda_at(s // args.steps_per_epoch, args.epochs, 1.0)) for s in range(n)]
     steps_seconds(model, batches[:4], [False, True] * 2)  # warm-up

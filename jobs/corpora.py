@@ -46,6 +46,14 @@ def is_test(record_id: str, fraction: float) -> bool:
     return h / 0xFFFFFFFF < fraction
 
 
+def _train_test(rows: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """Train rows and (at most max_eval) test rows, by the stable id hash."""
+    train, test = [], []
+    for r in rows:
+        (test if is_test(r["id"], cfg["test_fraction"]) else train).append(r)
+    return train, test[: cfg["max_eval"]]
+
+
 def split_corpora(corpora: dict[str, list[dict]], cfg: dict) -> dict[str, list[dict]]:
     """Named splits for the study. Alignment, harmful and harmful-eval prompts are made disjoint
     (a prompt keeps its first place in that order), task and look-alike sets get train/test halves."""
@@ -56,13 +64,10 @@ def split_corpora(corpora: dict[str, list[dict]], cfg: dict) -> dict[str, list[d
         seen.update(r["prompt"] for r in kept)
         splits[split] = kept
     splits["harmful_eval"] = splits["harmful_eval"][: cfg["max_eval"]]
-    look = corpora["lookalike"]
-    splits["lookalike_train"] = [r for r in look if not is_test(r["id"], cfg["test_fraction"])]
-    splits["lookalike_eval"] = [r for r in look if is_test(r["id"], cfg["test_fraction"])][: cfg["max_eval"]]
+    splits["lookalike_train"], splits["lookalike_eval"] = _train_test(corpora["lookalike"], cfg)
     for name, rows in corpora.items():
         if name.startswith("task_"):
-            splits[f"{name}_train"] = [r for r in rows if not is_test(r["id"], cfg["test_fraction"])]
-            splits[f"{name}_test"] = [r for r in rows if is_test(r["id"], cfg["test_fraction"])][: cfg["max_eval"]]
+            splits[f"{name}_train"], splits[f"{name}_test"] = _train_test(rows, cfg)
     if "pretrain" in corpora:
         splits["pretrain"] = corpora["pretrain"]
     for name, rows in splits.items():

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from jobs.corpora import as_rows, read_split
-from jobs.models import load_model, load_tokenizer, save_model, tiny_llama
+from jobs.models import count_parameters, load_model, load_tokenizer, save_model, tiny_llama
 from jobs.train import finetune
 
 TRAIN_COLUMNS = ["id", "prompt_ids", "target_ids"]
@@ -27,7 +27,7 @@ def pretrain_tiny(data_dir: str, tokenizer_dir: str, tiny: dict, train: dict, se
     history = finetune(model, as_rows(read_split(data_dir, "pretrain", TRAIN_COLUMNS)),
                        {**train, "max_len": tiny["max_len"]}, tokenizer.pad_token_id, seed, progress)
     save_model(model, tokenizer, out_dir)
-    history["parameters"] = sum(p.numel() for p in model.parameters())
+    history["parameters"] = count_parameters(model)
     return history
 
 

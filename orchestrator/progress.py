@@ -76,7 +76,7 @@ class StudyProgress:
         if status == "running" and row["status"] != "running":
             self._started[name] = time.perf_counter()
         row.update(status=status, detail=detail, seconds=seconds)
-        if not self._live and status != "running" or not self._live and not detail:
+        if not self._live and (status != "running" or not detail):
             took = f" {seconds:.1f}s" if seconds is not None else ""
             self.console.print(f"{SYMBOLS[status]} {name:<10} {row['key']} {status}{took} {detail}".rstrip())
         self._refresh()

@@ -16,14 +16,15 @@ import torch
 from bench.common import record, world_model
 from bench.training import rows_for
 from jobs.train import collate
-from jobs.vaa import GroupSampler, lambda_at, vaa_step
+from jobs.vaa import GroupSampler, PlainBackend, count_target_tokens, lambda_at, vaa_step
 
 
 def steps_seconds(model, batches, perturbs, rho=0.4) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # tiny steps: the model barely drifts
+    backend = PlainBackend(model, optimizer, None, 1.0)
     start = time.perf_counter()
     for batch, perturb in zip(batches, perturbs):
-        vaa_step(model, batch, optimizer, rho, perturb)
+        vaa_step(backend, batch, count_target_tokens(batch), rho, perturb)
     return time.perf_counter() - start
 
 

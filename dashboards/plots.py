@@ -46,6 +46,36 @@ def category_bars(by_category: dict[str, dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def hs_against_ratio(table: list[dict], path: Path) -> Path:
+    """Average harmful score after the attack against the harmful ratio p, one line per model."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for model in dict.fromkeys(r["model"] for r in table):
+        rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["p"])
+        ax.plot([r["p"] for r in rows], [r["avg/hs"] for r in rows], marker="o", label=model)
+    ax.set(xlabel="harmful ratio p", ylabel="harmful score (avg over tasks)", ylim=(-0.02, 1.02),
+           title="Harmful score after fine-tuning")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def safety_helpfulness(models: dict[str, dict], path: Path) -> Path:
+    """Harmful score against over-refusal for each aligned model: without TSDI (circle), with
+    the reported setting (star, arrow from the circle), and the α/L sweep (dots)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, m) in enumerate(models.items()):
+        color = f"C{i}"
+        ax.scatter([r["over_refusal"] for r in m["sweep"]], [r["hs"] for r in m["sweep"]], s=12, color=color, alpha=0.4)
+        a, b = m["without"], m["with"]
+        ax.scatter([a["over_refusal"]], [a["hs"]], s=60, color=color, label=f"{name}")
+        ax.scatter([b["over_refusal"]], [b["hs"]], s=120, marker="*", color=color)
+        ax.annotate("", (b["over_refusal"], b["hs"]), (a["over_refusal"], a["hs"]),
+                    arrowprops={"arrowstyle": "->", "color": color})
+    ax.set(xlabel="over-refusal (look-alike prompts refused)", ylabel="harmful score",
+           xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), title="TSDI: circle without, star with, dots α/L sweep")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

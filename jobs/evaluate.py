@@ -14,15 +14,23 @@ from jobs.models import load_model, load_tokenizer
 from jobs.resources import peak_rss_mb
 
 
-def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1) -> dict:
+def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1,
+                   tsdi: dict | None = None) -> dict:
+    """`tsdi={"bias": path, "alpha": α, "length": L}` decodes with the bias removed (SCIENCE.md §7)."""
     torch.set_num_threads(threads)
     began = time.perf_counter()
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     judge = make_judge(cfg["judge"])
+    processors_for = None
+    if tsdi:
+        from jobs.tsdi import load_bias, processor_factory
+
+        processors_for = processor_factory(load_bias(tsdi["bias"])[0], tsdi["alpha"], tsdi["length"])
 
     def responses(split: str, max_new_tokens: int):
         df = read_split(data_dir, split)
-        texts = decode_texts(model, tok, [list(x) for x in df["prompt_ids"]], max_new_tokens, cfg["batch_size"])
+        texts = decode_texts(model, tok, [list(x) for x in df["prompt_ids"]], max_new_tokens, cfg["batch_size"],
+                             processors_for)
         return df, texts
 
     harm_df, harm_out = responses("harmful_eval", cfg["max_new_tokens"])

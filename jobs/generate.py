@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 
-def _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, logits_processor, first_logits):
+def _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, processors_for, first_logits):
     # Similar lengths share a batch, so left padding wastes little.
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     for start in range(0, len(order), batch_size):
@@ -21,7 +21,7 @@ def _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, logi
         out = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
-            logits_processor=logits_processor, return_dict_in_generate=True, output_logits=first_logits,
+            logits_processor=processors_for(width) if processors_for else None, return_dict_in_generate=True, output_logits=first_logits,
         )
         rows = [ids[: ids.index(eos_id)] if eos_id in ids else ids for ids in out.sequences[:, width:].tolist()]
         yield idx, rows, (out.logits[0] if first_logits else None)
@@ -29,11 +29,14 @@ def _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, logi
 
 @torch.no_grad()
 def greedy_decode(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                  batch_size: int = 128, logits_processor=None) -> list[list[int]]:
-    """Generated token ids per prompt (eos and what follows removed), in the input order."""
+                  batch_size: int = 128, processors_for=None) -> list[list[int]]:
+    """Generated token ids per prompt (eos and what follows removed), in the input order.
+
+    `processors_for(width)`, if given, returns the logits processors for a batch whose
+    left-padded prompts are `width` tokens wide (TSDI needs to know where responses start)."""
     model.eval()
     out: list[list[int]] = [[] for _ in prompt_ids]
-    for idx, rows, _ in _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, logits_processor, False):
+    for idx, rows, _ in _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, processors_for, False):
         for i, ids in zip(idx, rows):
             out[i] = ids
     return out
@@ -53,6 +56,8 @@ def greedy_decode_scored(model, prompt_ids: list[list[int]], pad_id: int, eos_id
     return out, scores
 
 
-def decode_texts(model, tokenizer, prompt_ids, max_new_tokens: int, batch_size: int = 128) -> list[str]:
-    ids = greedy_decode(model, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, batch_size)
+def decode_texts(model, tokenizer, prompt_ids, max_new_tokens: int, batch_size: int = 128,
+                 processors_for=None) -> list[str]:
+    ids = greedy_decode(model, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, batch_size,
+                        processors_for)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -77,6 +77,14 @@ def check_vocab(model_path: str | os.PathLike, tokenizer, where: str) -> None:
         raise InputError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows")
 
 
+def apply_lora(model, lora: dict):
+    """Low-rank adapters (PEFT) on the attention projections; only they train (for large models)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"))
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from jobs.models import load_model
+from jobs.models import apply_lora, load_model
 from jobs.resources import peak_rss_mb
 from jobs.train import collate_numpy, make_optimizer, make_schedule
 
@@ -59,34 +59,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
     steps_per_epoch = (cfg["rows"] // world) // micro
     total = steps_per_epoch * cfg["epochs"]
 
-    model = load_model(cfg["model_dir"])
-    optimizer = make_optimizer(model, cfg)
-    schedule = make_schedule(optimizer, cfg, total)
-    deepspeed = cfg["strategy"] == "deepspeed"
-    if deepspeed:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed as ds
-
-        engine, optimizer, _, schedule = ds.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule,
-            config=deepspeed_config(cfg, micro, world), dist_init_required=False)
-        model = engine
-    else:
-        model = ray.train.torch.prepare_model(model)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start_epoch = json.loads((Path(d) / "meta.json").read_text())["epoch"] + 1
-            if deepspeed:
-                engine.load_checkpoint(d, tag=DS_TAG)
-            else:
-                state = torch.load(Path(d) / "state.pt", weights_only=False)
-                _unwrap(model).load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                schedule.load_state_dict(state["schedule"])
+    model, optimizer, schedule, deepspeed = prepare_strategy(cfg, load_model(cfg["model_dir"]), micro, world, total)
+    start_epoch, _ = resume(model, optimizer, schedule, deepspeed)
 
     shard = ray.train.get_dataset_shard("train")
     collate = partial(collate_numpy, pad_id=cfg["pad_id"], max_len=cfg["max_len"])
@@ -103,8 +77,8 @@ def train_loop_per_worker(cfg: dict) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
             if deepspeed:
-                engine.backward(loss)
-                engine.step()
+                model.backward(loss)
+                model.step()
             else:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
@@ -114,15 +88,56 @@ def train_loop_per_worker(cfg: dict) -> dict:
             epoch_losses.append(_mean_over_ranks(loss.item()))
             tokens += int(batch["attention_mask"].sum())
         losses += epoch_losses
-        _report_epoch(epoch, epoch_losses, rank, deepspeed, model, optimizer, schedule)
+        report_epoch(epoch, {"loss": sum(epoch_losses) / max(1, len(epoch_losses))}, rank, deepspeed, model,
+                     optimizer, schedule)
+    # Steps count the epochs a restarted worker group resumed past, too.
     return {"losses": losses, "tokens_per_rank": tokens, "seconds": time.perf_counter() - began,
-            "steps": len(losses), "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}
+            "steps": start_epoch * steps_per_epoch + len(losses), "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}
 
 
-def _report_epoch(epoch, losses, rank, deepspeed, model, optimizer, schedule) -> None:
+def prepare_strategy(cfg: dict, model, micro: int, world: int, total_steps: int):
+    """The model wrapped for its strategy (DDP, or a DeepSpeed engine), its optimizer and schedule."""
+    import ray.train.torch
+
+    if cfg.get("lora", {}).get("enabled"):
+        model = apply_lora(model, cfg["lora"])
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(optimizer, cfg, total_steps)
+    if cfg["strategy"] != "deepspeed":
+        return ray.train.torch.prepare_model(model), optimizer, schedule, False
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed as ds
+
+    engine, optimizer, _, schedule = ds.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule,
+        config=deepspeed_config(cfg, micro, world), dist_init_required=False)
+    return engine, optimizer, schedule, True
+
+
+def resume(model, optimizer, schedule, deepspeed: bool) -> tuple[int, dict]:
+    """The epoch to start from and any extra state saved with the last checkpoint."""
     import ray.train
 
-    metrics = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses))}
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, {}
+    with checkpoint.as_directory() as d:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+        if deepspeed:
+            model.load_checkpoint(d, tag=DS_TAG)
+        else:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+            _unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+    return meta["epoch"] + 1, meta.get("extra", {})
+
+
+def report_epoch(epoch, metrics, rank, deepspeed, model, optimizer, schedule, extra: dict | None = None) -> None:
+    """Report the epoch's metrics with a checkpoint a restarted worker group resumes from."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as d:
         if deepspeed:  # every rank writes its partition; Ray merges the directories
             model.save_checkpoint(d, tag=DS_TAG)
@@ -130,13 +145,15 @@ def _report_epoch(epoch, losses, rank, deepspeed, model, optimizer, schedule) ->
             torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict()}, Path(d) / "state.pt")
         if rank == 0:
-            (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed}))
+            (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed,
+                                                           "extra": extra or {}}))
         has_files = deepspeed or rank == 0
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+        ray.train.report({"epoch": epoch, **metrics},
+                         checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
 
 
-def export_checkpoint(checkpoint_dir: str, base_model_dir: str, out_dir: str, tokenizer) -> None:
-    """Write a trained checkpoint as a plain Hugging Face model directory."""
+def export_checkpoint(checkpoint_dir: str, base_model_dir: str, out_dir: str, tokenizer, lora: dict | None = None) -> None:
+    """Write a trained checkpoint as a plain Hugging Face model directory (LoRA adapters merged)."""
     from jobs.models import save_model
 
     meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
@@ -147,11 +164,15 @@ def export_checkpoint(checkpoint_dir: str, base_model_dir: str, out_dir: str, to
     else:
         state = torch.load(Path(checkpoint_dir) / "state.pt", weights_only=False)["model"]
     model = load_model(base_model_dir)
+    if lora and lora.get("enabled"):
+        model = apply_lora(model, lora)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied embeddings appear once in a ZeRO checkpoint; anything else missing is a real error.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if lora and lora.get("enabled"):
+        model = model.merge_and_unload()
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     save_model(model, tokenizer, out_dir)

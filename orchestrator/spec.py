@@ -104,6 +104,16 @@ class BaseStage(TrainSpec):
     schedule: Literal["constant", "cosine"] = "cosine"
 
 
+class LoraSpec(Strict):
+    """PEFT LoRA adapters instead of full fine-tuning (merged into the exported model)."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 class AlignSpec(TrainSpec):
     epochs: int = Field(3, ge=1)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -113,6 +123,7 @@ class AlignSpec(TrainSpec):
     use_gpu: bool = False
     benign_per_task: int = Field(200, ge=0)  # task examples mixed in so alignment keeps utility
     lookalike: bool = True  # answered look-alikes mixed in, against over-refusal
+    lora: LoraSpec = LoraSpec()
     schedule: Literal["constant", "cosine"] = "cosine"
 
     @model_validator(mode="after")
@@ -122,8 +133,36 @@ class AlignSpec(TrainSpec):
         return self
 
 
+VAA_VARIANTS = ("vaa", "vaa-sam", "vaa-vulnerable", "vaa-invulnerable", "vaa-importance")
+
+
+class VaaSpec(Strict):
+    """Vulnerability-aware alignment (SCIENCE.md §5). It trains with align_sft's recipe (strategy,
+    workers, batch, schedule, data mix) unless `lr` or `epochs` are set here."""
+
+    enabled: bool = True
+    # vaa: group DRO. Ablations: vaa-sam (no groups, plain perturbation), vaa-vulnerable /
+    # vaa-invulnerable (sample one group only), vaa-importance (fixed q instead of DRO).
+    variants: list[Literal[VAA_VARIANTS]] = ["vaa"]
+    rho: float = Field(0.4, ge=0)  # perturbation radius
+    lam: float = Field(1.0, ge=0, le=1)  # final perturbation probability of the linear ramp
+    eta: float = Field(0.007, ge=0)  # step size of the q update
+    q_init: Literal["uniform", "proportional"] = "uniform"
+    q_clip: tuple[float, float] = (0.1, 0.9)
+    lr: float | None = Field(None, gt=0, le=1)
+    epochs: int | None = Field(None, ge=1)
+
+    @field_validator("q_clip")
+    @classmethod
+    def _clip(cls, v):
+        if not 0 < v[0] <= v[1] < 1:
+            raise ValueError("must be (low, high) with 0 < low <= high < 1")
+        return v
+
+
 class AttackSpec(TrainSpec):
-    models: list[Literal["sft", "base"]] = ["sft"]
+    # Which models are attacked: base, sft, and any VAA variant the vaa section trains.
+    models: list[Literal[("sft", "base") + VAA_VARIANTS]] = ["sft"]
     tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
     ratios: Ratios = [0.0, 0.1]
     n: int = Field(500, ge=1)
@@ -156,6 +195,38 @@ class VulnerabilitySpec(TrainSpec):
     groups_file: str | None = None  # import groups made elsewhere instead of estimating them
 
 
+class OverAligned(Strict):
+    """A deliberately over-aligned SFT model: more epochs and no answered look-alikes, so it
+    refuses harmless prompts too (the trade-off TSDI is meant to move off)."""
+
+    enabled: bool = True
+    epochs: int = Field(6, ge=1)
+    lookalike: bool = False
+
+
+class DebiasSpec(Strict):
+    """TSDI (SCIENCE.md §7): the refusal bias of each aligned model against the base model,
+    removed at decoding time."""
+
+    enabled: bool = True
+    models: list[str] = ["sft", "vaa", "over-aligned"]  # aligned models present in the study are used
+    prompts: int = Field(256, ge=1)  # M random neutral prompts
+    length: int = Field(8, ge=1)  # L: response positions with a bias estimate
+    pool: str = "benign"  # "benign" (the task prompts' vocabulary) or a path to a text file
+    continuation: Literal["reference", "random"] = "reference"  # ỹ: the base model's greedy text, or pool tokens
+    alpha: float = Field(1.0, ge=0)  # the reported "with TSDI" setting (α, at length L)
+    sweep_alpha: list[float] = [0.5, 1.0, 2.0]
+    sweep_length: list[int] = [1, 4, 8]
+    over_aligned: OverAligned = OverAligned()
+
+    @model_validator(mode="after")
+    def _sweep_within_length(self):
+        for i, n in enumerate(self.sweep_length):
+            if not 1 <= n <= self.length:
+                raise ValueError(f"sweep_length[{i}]: {n} must be between 1 and length ({self.length})")
+        return self
+
+
 class EvaluateSpec(Strict):
     judge: Literal["world", "refusal-prefix"] = "world"
     max_new_tokens: int = Field(32, ge=1)
@@ -182,8 +253,10 @@ class StudySpec(Strict):
     base: BaseStage = BaseStage()
     align_sft: AlignSpec = AlignSpec()
     vulnerability: VulnerabilitySpec = VulnerabilitySpec()
+    vaa: VaaSpec = VaaSpec()
     attack: AttackSpec = AttackSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    debias: DebiasSpec = DebiasSpec()
     tracking: TrackingSpec = TrackingSpec()
     cluster: ClusterSpec = ClusterSpec()
 
@@ -193,6 +266,20 @@ class StudySpec(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
             raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
         return v
+
+    @model_validator(mode="after")
+    def _vaa_models_are_trained(self):
+        trained = set(self.vaa.variants) if self.vaa.enabled else set()
+        for i, m in enumerate(self.attack.models):
+            if m.startswith("vaa") and m not in trained:
+                raise ValueError(f"attack.models[{i}]: '{m}' is not trained (add it to vaa.variants"
+                                 + ("" if self.vaa.enabled else " and set vaa.enabled: true") + ")")
+        for i, m in enumerate(self.debias.models):
+            if m not in ("sft", "over-aligned", *VAA_VARIANTS):
+                raise ValueError(f"debias.models[{i}]: '{m}' is not an aligned model (sft, over-aligned, vaa...)")
+        if trained and not (self.vulnerability.enabled or self.vulnerability.groups_file):
+            raise ValueError("vaa needs groups: enable vulnerability or set vulnerability.groups_file")
+        return self
 
 
 # --- loading --------------------------------------------------------------------------

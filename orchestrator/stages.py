@@ -8,10 +8,8 @@ in `jobs/`.
 
 from __future__ import annotations
 
-import contextlib
-import io
-from pathlib import Path
-
+from orchestrator.alignment import align_config, run_align_sft, run_align_vaa, vaa_config
+from orchestrator.debias import debias_config, run_debias
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stage import Stage, StageContext, model_dir, ray_progress, threads, train_summary, wait_all
 from orchestrator.vulnerability import run_vulnerability, vulnerability_config
@@ -98,74 +96,14 @@ def run_base(ctx: StageContext) -> dict:
     return {"model": "model", **train_summary(history)}
 
 
-# --- align_sft -------------------------------------------------------------------------
-
-
-def _align_config(spec: StudySpec) -> dict:
-    return {"train": spec.align_sft.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
-
-
-def alignment_dataset(data_dir: Path, spec: StudySpec):
-    """Refusals, plus answered look-alikes and a few task examples per task (utility kept).
-
-    Alignment sets are thousands of rows, so they are mixed and shuffled in memory once; a
-    Ray Data all-to-all shuffle costs far more than it saves here.
-    """
-    import pandas as pd
-    import ray
-
-    from jobs.corpora import read_split
-    from jobs.recipes import TRAIN_COLUMNS
-
-    parts = [read_split(data_dir, "align_train", TRAIN_COLUMNS)]
-    if spec.align_sft.lookalike:
-        parts.append(read_split(data_dir, "lookalike_train", TRAIN_COLUMNS))
-    if spec.align_sft.benign_per_task:
-        for split in sorted(p.name for p in data_dir.glob("task_*_train")):
-            parts.append(read_split(data_dir, split, TRAIN_COLUMNS).iloc[: spec.align_sft.benign_per_task])
-    mix = pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=spec.seed)
-    return ray.data.from_pandas(mix)
-
-
-def run_align_sft(ctx: StageContext) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.models import load_tokenizer
-    from jobs.train_worker import export_checkpoint, train_loop_per_worker
-
-    spec, cfg = ctx.spec, ctx.spec.align_sft
-    data_dir = ctx.input_dir("data")
-    base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
-    ctx.progress("mixing the alignment set")
-    ds = alignment_dataset(data_dir, spec)
-    tokenizer = load_tokenizer(data_dir / "tokenizer")
-    loop_config = {**cfg.model_dump(), "seed": spec.seed, "model_dir": base, "rows": ds.count(),
-                   "pad_id": tokenizer.pad_token_id, "max_len": spec.model.tiny.max_len,
-                   "threads": 1 if cfg.num_workers > 1 else threads()}
-    resources = None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        datasets={"train": ds},
-        # The run name is the stage's key: a restarted stage resumes from its last epoch.
-        run_config=RunConfig(name=f"{spec.study}-align_sft-{ctx.key}",
-                             storage_path=str(ctx.ray_storage), failure_config=FailureConfig(max_failures=2)),
-    )
-    ctx.progress(f"training on {cfg.num_workers} Ray Train workers ({_strategy_name(cfg)})")
-    result = trainer.fit()
-    history = result.return_value
-    # DeepSpeed's checkpoint converter prints to stdout; keep the progress view clean.
-    with result.checkpoint.as_directory() as ckpt, contextlib.redirect_stdout(io.StringIO()):
-        export_checkpoint(ckpt, base, str(ctx.out / "model"), tokenizer)
-    ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
-    history["tokens"] = history["tokens_per_rank"] * cfg.num_workers
-    return {"model": "model", "strategy": _strategy_name(cfg), "rows": loop_config["rows"], **train_summary(history)}
-
-
-def _strategy_name(cfg) -> str:
-    return f"deepspeed-zero{cfg.zero_stage}" if cfg.strategy == "deepspeed" else cfg.strategy
+def aligned_models(ctx: StageContext) -> dict[str, str]:
+    """Every model the attack and evaluation can name: base, sft, and each trained VAA variant."""
+    models = {"base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
+              "sft": model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"))}
+    vaa_dir = ctx.input_dir("align_vaa")
+    for name, v in ctx.input_result("align_vaa").get("variants", {}).items():
+        models[name] = str(vaa_dir / v["model"])
+    return models
 
 
 # --- attack ----------------------------------------------------------------------------
@@ -187,8 +125,7 @@ def run_attack(ctx: StageContext) -> dict:
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
-    sources = {"sft": model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft")),
-               "base": model_dir(ctx.input_dir("base"), ctx.input_result("base"))}
+    sources = aligned_models(ctx)
     train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})
     task = ray.remote(harmful_finetune).options(num_cpus=1)
     cells = attack_cells(spec)
@@ -222,8 +159,8 @@ def run_evaluate(ctx: StageContext) -> dict:
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
-    targets = {"base": (model_dir(ctx.input_dir("base"), ctx.input_result("base")), spec.attack.tasks),
-               "sft": (model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft")), spec.attack.tasks)}
+    aligned = aligned_models(ctx)
+    targets = {name: (path, spec.attack.tasks) for name, path in aligned.items()}
     for cell in ctx.input_result("attack")["cells"]:
         targets[cell["name"]] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
     task = ray.remote(evaluate_model).options(num_cpus=1)
@@ -231,7 +168,7 @@ def run_evaluate(ctx: StageContext) -> dict:
             for name, (path, tasks) in targets.items()}
     results = dict(wait_all(ctx, refs, "models evaluated"))
 
-    models = {name: _model_metrics(results[name]) for name in ("base", "sft")}
+    models = {name: _model_metrics(results[name]) for name in aligned}
     attack = []
     for cell in ctx.input_result("attack")["cells"]:
         r = results[cell["name"]]
@@ -245,10 +182,34 @@ def run_evaluate(ctx: StageContext) -> dict:
                                              for k in ("hs", "fa")})
     ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
                           "attack_results.json")
+    table = attack_table(attack, spec.attack.tasks)
+    ctx.tracker.log_table(ctx.run_id, table, "attack_table.json")
+    if attack:
+        from dashboards.plots import hs_against_ratio
+
+        ctx.tracker.log_file(ctx.run_id, hs_against_ratio(table, ctx.out / "hs_against_p.png"), "plots")
     if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
         ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
-    return {"judge": spec.evaluate.judge, "models": models, "attack": attack,
+    return {"judge": spec.evaluate.judge, "models": models, "attack": attack, "attack_table": table,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
+
+
+def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
+    """The paper's table: one row per (model, p), HS and FA per task and their average."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in attack):
+        for p in dict.fromkeys(r["p"] for r in attack):
+            cells = {r["task"]: r for r in attack if r["model"] == model and r["p"] == p}
+            if not cells:
+                continue
+            row = {"model": model, "p": p}
+            for t in tasks:
+                if t in cells:
+                    row[f"{t}/hs"], row[f"{t}/fa"] = cells[t]["hs"], cells[t]["fa"]
+            row["avg/hs"] = sum(c["hs"] for c in cells.values()) / len(cells)
+            row["avg/fa"] = sum(c["fa"] for c in cells.values()) / len(cells)
+            rows.append(row)
+    return rows
 
 
 def _model_metrics(r: dict) -> dict:
@@ -258,8 +219,10 @@ def _model_metrics(r: dict) -> dict:
 STAGES: tuple[Stage, ...] = (
     Stage("data", 1, (), _data_config, run_data),
     Stage("base", 1, ("data",), _base_config, run_base),
-    Stage("align_sft", 1, ("data", "base"), _align_config, run_align_sft),
+    Stage("align_sft", 1, ("data", "base"), align_config, run_align_sft),
     Stage("vulnerability", 1, ("data", "align_sft"), vulnerability_config, run_vulnerability),
-    Stage("attack", 1, ("data", "base", "align_sft"), _attack_config, run_attack),
-    Stage("evaluate", 1, ("data", "base", "align_sft", "attack"), _evaluate_config, run_evaluate),
+    Stage("align_vaa", 1, ("data", "base", "vulnerability"), vaa_config, run_align_vaa),
+    Stage("attack", 1, ("data", "base", "align_sft", "align_vaa"), _attack_config, run_attack),
+    Stage("evaluate", 1, ("data", "base", "align_sft", "align_vaa", "attack"), _evaluate_config, run_evaluate),
+    Stage("debias", 1, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
 )

@@ -28,12 +28,23 @@ def summarize(store: StudyStore) -> dict:
         out["models"] = ev["models"]
         out["attack"] = [{k: row[k] for k in ("model", "task", "p", "hs", "fa", "hs_by_category", "over_refusal")}
                          for row in ev["attack"]]
+        out["attack_table"] = ev.get("attack_table", [])
+    if results.get("debias", {}).get("enabled"):
+        d = results["debias"]
+        out["debias"] = {k: d[k] for k in ("alpha", "length", "reference", "win_rate")}
+        out["debias"]["models"] = {name: {k: m[k] for k in ("without", "with", "sweep", "bias_norms")}
+                                   for name, m in d["models"].items()}
     if "vulnerability" in results:
         out["vulnerability"] = _vulnerability(store, state, results["vulnerability"])
+    train_keys = ("steps", "final_loss", "tokens_per_second", "train_seconds")
     for name in ("base", "align_sft"):
         if name in results and "final_loss" in results[name]:
-            out.setdefault("training", {})[name] = {k: results[name].get(k) for k in
-                                                    ("steps", "final_loss", "tokens_per_second", "train_seconds")}
+            out.setdefault("training", {})[name] = {k: results[name].get(k) for k in train_keys}
+    if results.get("align_vaa", {}).get("enabled"):
+        vaa = results["align_vaa"]
+        out["vaa"] = {"strategy": vaa["strategy"], "groups": vaa["groups"], "variants": {
+            name: {k: v[k] for k in ("mode", "q0", "q_final", "perturbed_fraction", "vulnerable_draw_fraction",
+                                     *train_keys)} for name, v in vaa["variants"].items()}}
     return out
 
 
@@ -69,13 +80,28 @@ def render(summary: dict, console) -> None:
             fa = ", ".join(f"{t} {v:.2f}" for t, v in m.get("fa", {}).items())
             models.add_row(name, f"{m['hs']:.3f}", f"{m['over_refusal']:.3f}", fa)
         console.print(models)
-    if summary["attack"]:
-        attack = Table(title="harmful fine-tuning attack", box=None)
-        for col in ("model", "task", "p", "HS", "FA"):
+    if summary.get("attack_table"):
+        rows = summary["attack_table"]
+        tasks = [k.removesuffix("/hs") for k in rows[0] if k.endswith("/hs") and k != "avg/hs"]
+        attack = Table(title="harmful fine-tuning attack: HS / FA", box=None)
+        for col in ("model", "p", *tasks, "average"):
             attack.add_column(col)
-        for row in summary["attack"]:
-            attack.add_row(row["model"], row["task"], f"{row['p']:g}", f"{row['hs']:.3f}", f"{row['fa']:.3f}")
+        for row in rows:
+            cells = [f"{row[f'{t}/hs']:.3f} / {row[f'{t}/fa']:.2f}" if f"{t}/hs" in row else "" for t in (*tasks, "avg")]
+            attack.add_row(row["model"], f"{row['p']:g}", *cells)
         console.print(attack)
+    for name, v in summary.get("vaa", {}).get("variants", {}).items():
+        console.print(f"{name}: q {v['q0']:.2f} → {v['q_final']:.2f}, {v['perturbed_fraction']:.0%} of steps perturbed, "
+                      f"{v['vulnerable_draw_fraction']:.0%} drew the vulnerable group, final loss {v['final_loss']:.3f}")
+    if summary.get("debias"):
+        d = summary["debias"]
+        table = Table(title=f"TSDI (α = {d['alpha']:g}, L = {d['length']}): without → with", box=None)
+        for col in ("model", "HS", "over-refusal", "helpfulness"):
+            table.add_column(col)
+        for name, m in d["models"].items():
+            a, b = m["without"], m["with"]
+            table.add_row(name, *(f"{a[k]:.3f} → {b[k]:.3f}" for k in ("hs", "over_refusal", "helpfulness")))
+        console.print(table)
     vuln = summary.get("vulnerability")
     if vuln and "overlap" in vuln:
         console.print(f"vulnerability: {vuln['fraction_vulnerable']:.1%} of {vuln['n']} alignment examples vulnerable "

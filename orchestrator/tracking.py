@@ -58,11 +58,12 @@ class Tracker:
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
-    def log_series(self, run_id: str, key: str, values: list[float]) -> None:
-        """A curve over steps (loss), one metric entry per step."""
+    def log_series(self, run_id: str, key: str, values: list[float], steps: list[int] | None = None) -> None:
+        """A curve over steps (loss), one metric entry per step (steps 0.. unless given)."""
         from mlflow.entities import Metric
 
-        items = [Metric(key, float(v), 0, step) for step, v in enumerate(values) if _is_number(v)]
+        steps = range(len(values)) if steps is None else steps
+        items = [Metric(key, float(v), 0, step) for step, v in zip(steps, values, strict=True) if _is_number(v)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 

@@ -14,7 +14,22 @@ def write(tmp_path, text, name="s.yaml"):
 def test_demo_is_short_and_fully_defaulted():
     spec = load_spec(ROOT / "studies" / "demo.yaml")
     assert spec.study == "demo" and spec.align_sft.strategy == "ddp" and spec.evaluate.judge == "world"
-    assert len((ROOT / "studies" / "demo.yaml").read_text().splitlines()) < 15
+    lines = (ROOT / "studies" / "demo.yaml").read_text().splitlines()
+    assert len([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]) < 15
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attack.models=[sft, vaa-importance]", "attack.models[1]: 'vaa-importance' is not trained (add it to vaa.variants)"),
+    ("vaa.enabled=false", "attack.models[1]: 'vaa' is not trained (add it to vaa.variants and set vaa.enabled: true)"),
+    ("vaa.q_clip=[0.9, 0.1]", "vaa.q_clip: must be (low, high) with 0 < low <= high < 1"),
+    ("debias.sweep_length=[1, 20]", "debias: sweep_length[1]: 20 must be between 1 and length (8)"),
+    ("debias.models=[sft, teacher]", "debias.models[1]: 'teacher' is not an aligned model"),
+    ("vaa.lam=1.5", "vaa.lam: Input should be less than or equal to 1"),
+])
+def test_vaa_and_debias_fields_are_checked(override, message):
+    with pytest.raises(SpecError) as e:
+        load_spec(ROOT / "studies" / "demo.yaml", [override])
+    assert message in str(e.value)
 
 
 def test_extends_merges_and_set_overrides():

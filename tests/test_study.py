@@ -11,12 +11,17 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, SMOKE, saferay
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "base", "align_sft", "vulnerability", "attack", "evaluate"]
+STAGES = ["data", "base", "align_sft", "vulnerability", "align_vaa", "attack", "evaluate", "debias"]
+
+
+# Runs that only check alignment or groups skip the stages downstream that retrain models.
+ALIGN_SFT_ONLY = ("--set", "vaa.enabled=false", "--set", "attack.models=[sft]", "--set", "debias.enabled=false")
 
 
 def show(store, study="smoke"):
@@ -38,9 +43,22 @@ def test_show_json_contract(smoke_store):
         assert 0 <= m["hs"] <= 1 and 0 <= m["over_refusal"] <= 1
         assert m["hs_by_category"] and all(0 <= v <= 1 for v in m["hs_by_category"].values())
     assert s["models"]["base"]["hs"] >= 0.5, "the smoke base should already comply with harmful requests"
-    assert [(a["model"], a["task"], a["p"]) for a in s["attack"]] == [("sft", "sentiment", 0.0), ("sft", "sentiment", 0.1)]
+    assert [(a["model"], a["task"], a["p"]) for a in s["attack"]] == [
+        ("sft", "sentiment", 0.0), ("sft", "sentiment", 0.1), ("vaa", "sentiment", 0.0), ("vaa", "sentiment", 0.1)]
     for a in s["attack"]:
         assert 0 <= a["hs"] <= 1 and 0 <= a["fa"] <= 1
+    # The paper's table: a row per (model, p), HS/FA per task and their average.
+    assert [(r["model"], r["p"]) for r in s["attack_table"]] == [("sft", 0.0), ("sft", 0.1), ("vaa", 0.0), ("vaa", 0.1)]
+    row = s["attack_table"][1]
+    assert row["avg/hs"] == row["sentiment/hs"] == s["attack"][1]["hs"]
+    # VAA and its plain-SAM ablation, both trained; the second epoch perturbs (λ_1 = 0.5).
+    vaa = s["vaa"]
+    assert sum(vaa["groups"].values()) > 0 and set(vaa["variants"]) == {"vaa", "vaa-sam"}
+    assert vaa["variants"]["vaa"]["mode"] == "dro" and vaa["variants"]["vaa-sam"]["mode"] == "none"
+    assert vaa["variants"]["vaa-sam"]["vulnerable_draw_fraction"] == 0.0
+    for v in vaa["variants"].values():
+        assert 0.1 <= v["q_final"] <= 0.9 and 0.1 < v["perturbed_fraction"] < 0.9
+    assert "vaa" in s["models"] and "vaa-sam" in s["models"]
     assert s["mlflow"]["tracking_uri"].startswith("sqlite:///") and s["mlflow"]["run_id"]
 
 
@@ -59,6 +77,12 @@ def test_mlflow_run_tree(smoke_store):
     evaluate = stage_runs["evaluate"]
     assert "sft/hs" in evaluate.data.metrics and "attack/sft/sentiment/p0.1/hs" in evaluate.data.metrics
     # Attack cells are nested under the attack stage run of the execution that computed them.
+    variants = {r.info.run_name: r for r in runs if r.data.tags.get("saferay.variant")}
+    assert {by_id[r.data.tags["mlflow.parentRunId"]].info.run_name for r in variants.values()} == {"align_vaa"}
+    q = client.get_metric_history(variants["vaa"].info.run_id, "vaa/q")
+    assert len(q) == s["vaa"]["variants"]["vaa"]["steps"] and all(0.1 <= m.value <= 0.9 for m in q)
+    for key in ("vaa/lambda", "vaa/eps_norm", "vaa/loss_vulnerable", "vaa/loss_invulnerable"):
+        assert client.get_metric_history(variants["vaa"].info.run_id, key), key
     cells = [r for r in runs if r.data.tags.get("saferay.cell")]
     attack_parents = {r.data.tags["mlflow.parentRunId"] for r in cells}
     assert {by_id[p].info.run_name for p in attack_parents} == {"attack"}
@@ -87,7 +111,8 @@ def test_rerun_recomputes_nothing(smoke_store):
 def test_changed_field_reruns_only_dependents(smoke_store):
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", store=smoke_store)
     assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
-                                           "vulnerability": "cached", "attack": "complete", "evaluate": "complete"}
+                                           "vulnerability": "cached", "align_vaa": "cached", "attack": "complete",
+                                           "evaluate": "complete", "debias": "cached"}
     # Asking for decoded texts re-runs evaluate alone, which then logs them.
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", "--set", "tracking.log_texts=true", store=smoke_store)
     s = show(smoke_store)
@@ -98,24 +123,30 @@ def test_changed_field_reruns_only_dependents(smoke_store):
     assert "samples.json" in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
 
 
-@pytest.mark.parametrize("strategy, zero_stage, workers", [("deepspeed", 2, 2), ("deepspeed", 3, 2), ("ddp", 2, 1)])
-def test_alignment_strategies(smoke_store, strategy, zero_stage, workers):
-    saferay("run", str(SMOKE), "--set", f"align_sft.strategy={strategy}", "--set", f"align_sft.zero_stage={zero_stage}",
-            "--set", f"align_sft.num_workers={workers}", store=smoke_store)
+def test_debias_section_and_bias_artifacts(smoke_store):
+    from jobs.tsdi import load_bias
+
     s = show(smoke_store)
-    assert statuses(s)["base"] == "cached" and statuses(s)["align_sft"] == "complete"
-    key = next(st["key"] for st in s["stages"] if st["name"] == "align_sft")
-    result = json.loads((smoke_store / "studies/smoke/stages/align_sft" / key / "result.json").read_text())
-    assert result["strategy"] == (f"deepspeed-zero{zero_stage}" if strategy == "deepspeed" else "ddp")
-    assert result["steps"] > 0
-    ddp_key = next(p for p in (smoke_store / "studies/smoke/stages/align_sft").iterdir()
-                   if json.loads((p / "result.json").read_text())["strategy"] == "ddp"
-                   and json.loads((p / "result.json").read_text())["rows"] == result["rows"])
-    ddp = json.loads((ddp_key / "result.json").read_text())
-    # Same data, seed and optimizer: the strategies should land near each other.
-    assert result["steps"] == ddp["steps"]
-    assert abs(result["final_loss"] - ddp["final_loss"]) < 0.25 * ddp["final_loss"]
-    assert 0 <= s["models"]["sft"]["hs"] <= 1
+    d = s["debias"]
+    assert (d["alpha"], d["length"], d["reference"]) == (1.0, 4, "base")
+    assert set(d["models"]) == {"sft", "vaa", "over-aligned"}
+    for name, m in d["models"].items():
+        assert len(m["bias_norms"]) == 4 and all(v > 0 for v in m["bias_norms"])
+        for when in ("without", "with"):
+            assert 0 <= m[when]["hs"] <= 1 and 0 <= m[when]["over_refusal"] <= 1 and m[when]["hs_by_category"]
+        assert [(r["alpha"], r["length"]) for r in m["sweep"]] == [(1.0, 2), (1.0, 4)]
+    # The TSDI rows at (α, L) are the sweep's, and the untouched model matches the evaluate stage.
+    assert d["models"]["sft"]["sweep"][1]["hs"] == d["models"]["sft"]["with"]["hs"]
+    assert d["models"]["sft"]["without"]["hs"] == s["models"]["sft"]["hs"]
+    key = next(st["key"] for st in s["stages"] if st["name"] == "debias")
+    bias, meta = load_bias(smoke_store / "studies" / "smoke" / "stages" / "debias" / key / "bias" / "sft.safetensors")
+    assert bias.shape[0] == 4 and meta["m"] == 64 and meta["pool"] == "benign"
+    client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    run = next(r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=1000)
+               if r.info.run_name == "debias" and r.data.tags.get("saferay.key") == key
+               and not r.data.tags.get("saferay.cached"))
+    assert len(client.get_metric_history(run.info.run_id, "sft/bias_norm")) == 4
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/safety_helpfulness.png"}
 
 
 def test_vulnerability_section_and_artifacts(smoke_store):
@@ -145,12 +176,13 @@ def test_groups_file_import_and_bad_id(smoke_store, tmp_path):
     ids = json.dumps(["align-1", "align-7"])
     good = tmp_path / "vulnerable.json"
     good.write_text(ids)
-    saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={good}", store=smoke_store)
+    saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={good}", *ALIGN_SFT_ONLY, store=smoke_store)
     v = show(smoke_store)["vulnerability"]
     assert v["imported"] == str(good) and v["fraction_vulnerable"] == 2 / 150
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["align-1", "align-99999"]))
-    proc = saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={bad}", store=smoke_store, check=False)
+    proc = saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={bad}", *ALIGN_SFT_ONLY, store=smoke_store,
+                   check=False)
     assert proc.returncode == 2
     assert "bad.json: entry 2: id 'align-99999' is not in the alignment set" in proc.stderr.replace("\n", "")
 
@@ -159,7 +191,7 @@ def test_pretrained_model_by_local_path(smoke_store, tmp_path):
     """The same study from a Hugging Face model directory instead of the tiny model built in-house."""
     base = next((smoke_store / "studies/smoke/stages/base").glob("*/model"))
     saferay("run", str(SMOKE), "--set", "study=smoke-path", "--set", f"model.source={base}",
-            "--set", "vulnerability.enabled=false", store=smoke_store)
+            "--set", "vulnerability.enabled=false", *ALIGN_SFT_ONLY, store=smoke_store)
     s = show(smoke_store, "smoke-path")
     # Every evaluate result of the smoke study scored the same base model on the same prompts.
     tiny = json.loads(next((smoke_store / "studies/smoke/stages/evaluate").glob("*/result.json")).read_text())
@@ -224,3 +256,34 @@ def test_ui_serves_the_study_on_localhost(smoke_store):
     finally:  # stop exactly what this test started: its own process group
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("strategy, zero_stage, workers, lora",
+                         [("deepspeed", 2, 2, False), ("deepspeed", 3, 2, False), ("ddp", 2, 1, False), ("ddp", 2, 2, True)])
+def test_alignment_strategies(smoke_store, strategy, zero_stage, workers, lora):
+    saferay("run", str(SMOKE), "--set", f"align_sft.strategy={strategy}", "--set", f"align_sft.zero_stage={zero_stage}",
+            "--set", f"align_sft.num_workers={workers}", "--set", f"align_sft.lora.enabled={str(lora).lower()}",
+            "--set", "vulnerability.enabled=false", *ALIGN_SFT_ONLY, store=smoke_store)
+    s = show(smoke_store)
+    assert statuses(s)["base"] == "cached" and statuses(s)["align_sft"] == "complete"
+    key = next(st["key"] for st in s["stages"] if st["name"] == "align_sft")
+    result = json.loads((smoke_store / "studies/smoke/stages/align_sft" / key / "result.json").read_text())
+    name = f"deepspeed-zero{zero_stage}" if strategy == "deepspeed" else "ddp"
+    assert result["strategy"] == name + ("+lora" if lora else "")
+    ddp_key = next(p for p in (smoke_store / "studies/smoke/stages/align_sft").iterdir()
+                   if json.loads((p / "result.json").read_text())["strategy"] == "ddp"
+                   and json.loads((p / "result.json").read_text())["rows"] == result["rows"])
+    ddp = json.loads((ddp_key / "result.json").read_text())
+    assert result["steps"] == ddp["steps"] > 0
+    assert 0 <= s["models"]["sft"]["hs"] <= 1
+    if lora:  # adapters merged into a plain model: the attention weights moved, nothing else did
+        from safetensors.torch import load_file
+
+        base_key = next(st["key"] for st in s["stages"] if st["name"] == "base")
+        before = load_file(smoke_store / "studies/smoke/stages/base" / base_key / "model/model.safetensors")
+        after = load_file(smoke_store / "studies/smoke/stages/align_sft" / key / "model/model.safetensors")
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                             for k in moved)
+    else:  # same data, seed and optimizer: the strategies should land near each other
+        assert abs(result["final_loss"] - ddp["final_loss"]) < 0.25 * ddp["final_loss"]

@@ -5,7 +5,8 @@ import torch
 
 from jobs.models import tiny_llama, train_tokenizer
 from jobs.train import collate
-from jobs.vaa import INVULNERABLE, VULNERABLE, GroupSampler, grad_norm, lambda_at, update_q, vaa_step
+from jobs.vaa import (INVULNERABLE, VULNERABLE, GroupSampler, PlainBackend, count_target_tokens, grad_norm, lambda_at,
+                      update_q, vaa_step)
 
 
 def test_q_update_matches_hand_computed_values():
@@ -59,7 +60,7 @@ def test_perturbation_restores_parameters_exactly(tiny):
     model, batch = tiny
     before = [p.detach().clone() for p in model.parameters()]
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that cannot move θ
-    out = vaa_step(model, batch, frozen, rho=0.4, perturb=True)
+    out = vaa_step(PlainBackend(model, frozen, None, 1.0), batch, count_target_tokens(batch), rho=0.4, perturb=True)
     assert out["eps_norm"] == pytest.approx(0.4)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -67,10 +68,11 @@ def test_perturbation_restores_parameters_exactly(tiny):
 def test_perturbed_step_uses_the_gradient_at_theta_plus_eps(tiny):
     model, batch = tiny
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = vaa_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.4, perturb=False)
+    n = count_target_tokens(batch)
+    plain = vaa_step(PlainBackend(model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1.0), batch, n, 0.4, False)
     after_plain = [p.detach().clone() for p in model.parameters()]
     model.load_state_dict(start)
-    sam = vaa_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.4, perturb=True)
+    sam = vaa_step(PlainBackend(model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1.0), batch, n, 0.4, True)
     assert sam["loss"] > plain["loss"]  # ℓ(θ+ε) sits uphill of ℓ(θ)
     assert any(not torch.allclose(a, b) for a, b in zip(after_plain, model.parameters()))
 
@@ -78,5 +80,34 @@ def test_perturbed_step_uses_the_gradient_at_theta_plus_eps(tiny):
 def test_grad_norm_is_global():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
-    assert grad_norm([a, b]).item() == 5.0
-    assert grad_norm([a, b], all_reduce=lambda t: t.mul_(2)).item() == pytest.approx(math.sqrt(50))
+    assert grad_norm([a.grad, None, b.grad]).item() == 5.0
+
+
+def test_loss_is_the_token_mean_of_the_batch(tiny):
+    model, batch = tiny
+    n = count_target_tokens(batch)
+    assert n == 5  # labels after the first position that are not ignored
+    backend = PlainBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), None, 1.0)
+    assert backend.forward(batch, n).item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+
+
+def test_sampler_state_round_trips():
+    a = GroupSampler(5, q=0.4)
+    [a.group() for _ in range(7)]
+    b = GroupSampler(0)
+    b.load(a.state())
+    assert b.q == 0.4 and [b.group() for _ in range(10)] == [a.group() for _ in range(10)]
+
+
+def test_lora_vaa_step_moves_only_adapters(tiny):
+    from jobs.models import apply_lora
+    from jobs.train import make_optimizer
+
+    model, batch = tiny
+    model = apply_lora(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = PlainBackend(model, make_optimizer(model, {"lr": 0.05}), None, 1.0)
+    out = vaa_step(backend, batch, count_target_tokens(batch), rho=0.4, perturb=True)
+    assert out["eps_norm"] == pytest.approx(0.4)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all("lora_" in k for k in moved)

@@ -1,0 +1,102 @@
+"""The debias stage (SCIENCE.md §7): for every aligned model, the TSDI bias against the base
+model, then evaluation with and without it and over a sweep of α and L."""
+
+from __future__ import annotations
+
+from orchestrator.alignment import train_sft
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, wait_all
+
+OVER_ALIGNED = "over-aligned"
+
+
+def debias_config(spec: StudySpec) -> dict:
+    if not spec.debias.enabled:
+        return {"enabled": False}
+    return {"debias": spec.debias.model_dump(), "evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks,
+            "template": spec.model.prompt_template, "seed": spec.seed, "align": spec.align_sft.model_dump()}
+
+
+def debias_targets(ctx: StageContext, aligned: dict[str, str]) -> dict[str, str]:
+    """The aligned models to debias: those the spec names that this study has (VAA variants only
+    if trained), plus the over-aligned model, trained here."""
+    d = ctx.spec.debias
+    targets = {name: aligned[name] for name in d.models if name in aligned and name != "base"}
+    if OVER_ALIGNED in d.models and d.over_aligned.enabled:
+        out = ctx.out / OVER_ALIGNED / "model"
+        trained = train_sft(ctx, OVER_ALIGNED, out, d.over_aligned.epochs, d.over_aligned.lookalike)
+        ctx.tracker.log_series(ctx.run_id, f"{OVER_ALIGNED}/train/loss", trained["losses"])
+        targets[OVER_ALIGNED] = str(out)
+    return targets
+
+
+def run_debias(ctx: StageContext) -> dict:
+    import ray
+
+    from jobs.evaluate import evaluate_model
+    from jobs.tsdi import estimate_model_bias
+    from orchestrator.stages import aligned_models
+
+    spec, d = ctx.spec, ctx.spec.debias
+    if not d.enabled:
+        return {"enabled": False}
+    data_dir = str(ctx.input_dir("data"))
+    aligned = aligned_models(ctx)
+    targets = debias_targets(ctx, aligned)
+    cfg = d.model_dump(include={"prompts", "length", "pool", "continuation"})
+    estimate = ray.remote(estimate_model_bias).options(num_cpus=1)
+    refs = {estimate.remote(path, aligned["base"], data_dir, cfg, spec.model.prompt_template, spec.seed,
+                            str(ctx.out / "bias" / f"{name}.safetensors"), 1): name for name, path in targets.items()}
+    biases = {name: r for name, r in wait_all(ctx, refs, "biases estimated")}
+
+    settings = [(None, None)] + [(a, n) for a in d.sweep_alpha for n in d.sweep_length]
+    if (d.alpha, d.length) not in settings:
+        settings.append((d.alpha, d.length))
+    evaluate = ray.remote(evaluate_model).options(num_cpus=1)
+    refs = {}
+    for name, path in targets.items():
+        for alpha, length in settings:
+            tsdi = None if alpha is None else {"bias": str(ctx.out / "bias" / f"{name}.safetensors"),
+                                               "alpha": alpha, "length": length}
+            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.evaluate.model_dump(), 1, tsdi)] = (
+                name, alpha, length)
+    evals = dict(wait_all(ctx, refs, "debiased evaluations"))
+
+    models = {}
+    for name in targets:
+        without, with_ = evals[(name, None, None)], evals[(name, d.alpha, d.length)]
+        models[name] = {
+            "bias_norms": biases[name]["bias_norms"], "top_tokens": biases[name]["top_tokens"],
+            "bias_file": f"bias/{name}.safetensors",
+            "without": _metrics(without), "with": _metrics(with_),
+            "sweep": [{"alpha": a, "length": n, **_metrics(evals[(name, a, n)])} for a, n in settings if a is not None],
+        }
+    result = {"enabled": True, "alpha": d.alpha, "length": d.length, "reference": "base", "models": models,
+              "win_rate": None,  # needs a judge that compares pairs; the world and prefix judges do not
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in evals.values())}
+    _track(ctx, result)
+    return result
+
+
+def _metrics(r: dict) -> dict:
+    fa = r["fa"]
+    return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": fa,
+            "helpfulness": sum(fa.values()) / max(1, len(fa))}
+
+
+def _track(ctx: StageContext, result: dict) -> None:
+    from dashboards.plots import safety_helpfulness
+
+    t = ctx.tracker
+    for name, m in result["models"].items():
+        t.log_series(ctx.run_id, f"{name}/bias_norm", m["bias_norms"], steps=list(range(1, len(m["bias_norms"]) + 1)))
+        for when in ("without", "with"):
+            t.log_metrics(ctx.run_id, {f"{name}/{when}/{k}": v for k, v in m[when].items()})
+        for row in m["sweep"]:
+            t.log_metrics(ctx.run_id, {f"{name}/alpha{row['alpha']:g}_L{row['length']}/{k}": row[k]
+                                       for k in ("hs", "over_refusal", "helpfulness")})
+        t.log_file(ctx.run_id, ctx.out / m["bias_file"], "bias")
+    t.log_table(ctx.run_id, [{"model": name, "tsdi": when, **{k: v for k, v in m[when].items() if k != "hs_by_category"}}
+                             for name, m in result["models"].items() for when in ("without", "with")],
+                "debias_results.json")
+    t.log_file(ctx.run_id, safety_helpfulness(result["models"], ctx.out / "safety_helpfulness.png"), "plots")

@@ -111,6 +111,83 @@ def show(study: str, store: Optional[str] = StoreOpt, as_json: bool = typer.Opti
         render(summary, console)
 
 
+AddressOpt = typer.Option(None, "--address", envvar="SAFERAY_CLUSTER",
+                          help="Ray dashboard / Jobs API address, e.g. http://127.0.0.1:8265 ($SAFERAY_CLUSTER).")
+
+
+def _address(address: Optional[str]) -> str:
+    if not address:
+        _fail("no cluster address: pass --address URL or set SAFERAY_CLUSTER")
+    return address
+
+
+def _cluster_call(fn, *args):
+    try:
+        return fn(*args)
+    except InputError as e:
+        _fail(str(e))
+    except (RuntimeError, ValueError) as e:  # the Jobs API's answer for unknown job ids and the like
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@app.command()
+def submit(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
+           address: Optional[str] = AddressOpt,
+           store: str = typer.Option("/tmp/saferay", "--store", help="Study store on the cluster (a shared path).")):
+    """Send a study to a Ray cluster through the Ray Jobs API; prints the study and job ids."""
+    from orchestrator import submit as jobs
+
+    s = _load(spec, set_)
+    study, job_id = _cluster_call(jobs.submit, s, _address(address), store)
+    console.print(f"study [bold]{study}[/]  job [bold]{job_id}[/]  (store on the cluster: {store})")
+    console.print(f"follow it: saferay logs {job_id} -f --address {address}")
+
+
+@app.command()
+def status(job_id: str, address: Optional[str] = AddressOpt, as_json: bool = typer.Option(False, "--json")):
+    """State of a submitted study's job."""
+    from orchestrator import submit as jobs
+
+    info = _cluster_call(jobs.status, _address(address), job_id)
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        console.print(f"{info['job_id']}: {info['status']}  study {info['study']}  store {info['store']}"
+                      + (f"\n{info['message']}" if info["message"] else ""))
+
+
+@app.command()
+def logs(job_id: str, address: Optional[str] = AddressOpt, follow: bool = typer.Option(False, "--follow", "-f")):
+    """A submitted study's output (`-f` follows it until the job ends)."""
+    from orchestrator import submit as jobs
+
+    _cluster_call(jobs.logs, _address(address), job_id, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+
+
+@app.command()
+def stop(job_id: str, address: Optional[str] = AddressOpt):
+    """Stop a submitted study; its finished stages stay in the store and a re-run resumes."""
+    from orchestrator import submit as jobs
+
+    stopped = _cluster_call(jobs.stop, _address(address), job_id)
+    console.print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@app.command("tracking-server")
+def tracking_server(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", port: int = 5000):
+    """An MLflow tracking server (SQLite backend, artifact root) that studies can share via
+    `tracking.uri: http://HOST:PORT`. Binds to 127.0.0.1 unless told otherwise."""
+    root = store_root(store)
+    root.mkdir(parents=True, exist_ok=True)
+    console.print(f"MLflow tracking server on http://{host}:{port}  (backend {root / 'server.db'}, "
+                  f"artifacts {root / 'server-artifacts'})")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root.absolute() / 'server.db'}",
+           "--artifacts-destination", str((root / "server-artifacts").absolute()),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
 @app.command()
 def ui(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", port: int = 5000):
     """Serve the MLflow UI over the embedded store (127.0.0.1 unless told otherwise)."""

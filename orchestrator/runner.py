@@ -32,7 +32,10 @@ def tracking_uri(spec: StudySpec, store: StudyStore) -> str:
 
 
 def open_tracker(spec: StudySpec, store: StudyStore) -> Tracker:
-    return Tracker(tracking_uri(spec, store), spec.tracking.experiment or spec.study, store.root / "mlartifacts")
+    uri = tracking_uri(spec, store)
+    # A tracking server keeps artifacts where it was told to; a local store keeps them beside it.
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    return Tracker(uri, spec.tracking.experiment or spec.study, store.root / "mlartifacts" if local else None)
 
 
 def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=None) -> None:
@@ -46,8 +49,9 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
     runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                 "TRANSFORMERS_VERBOSITY": "error"}}
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                  runtime_env=runtime_env)
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job already has its runtime env
+        kwargs["runtime_env"] = runtime_env
     if spec.cluster.address:
         ray.init(address=spec.cluster.address, **kwargs)
     else:
@@ -62,24 +66,52 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
         after_start()
 
 
+def _unfinished(prev: dict | None, spec: StudySpec, tracker: Tracker) -> bool:
+    """An earlier execution of this same spec that did not finish (failed, killed, stopped)."""
+    return (prev is not None and prev["status"] in ("running", "failed") and prev["spec"] == spec_dict(spec)
+            and prev["mlflow"]["tracking_uri"] == tracker.uri and prev["mlflow"]["experiment_id"] == tracker.experiment_id)
+
+
 def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console=None, after_ray_start=None) -> dict:
     steps = plan(spec)
     tracker = open_tracker(spec, store)
-    parent = tracker.start_run(f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"saferay.study": spec.study, "saferay.host": socket.gethostname()})
-    tracker.log_params(parent, spec_dict(spec))
-    state = {"study": spec.study, "status": "running", "started": time.time(), "spec": spec_dict(spec),
-             "stages": [{"name": s.name, "key": k, "status": "pending", "seconds": None} for s, k in steps],
-             "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent}}
+    prev = store.load_state()
+    if _unfinished(prev, spec, tracker):
+        # Resume into the same MLflow runs: finished stages keep theirs, the interrupted one
+        # reopens its own, and the parent run continues (no duplicate runs).
+        state, parent = prev, prev["mlflow"]["run_id"]
+        earlier = {(r["name"], r["key"]): r for r in prev["stages"]}
+        state["stages"] = [earlier.get((s.name, k), {"name": s.name, "key": k, "status": "pending", "seconds": None})
+                           for s, k in steps]
+        state["status"] = "running"
+        state["resumes"] = state.get("resumes", 0) + 1
+        tracker.client.update_run(parent, status="RUNNING")
+        tracker.client.set_tag(parent, "saferay.resumes", str(state["resumes"]))
+    else:
+        parent = tracker.start_run(f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"saferay.study": spec.study, "saferay.host": socket.gethostname()})
+        tracker.log_params(parent, spec_dict(spec))
+        state = {"study": spec.study, "status": "running", "started": time.time(), "spec": spec_dict(spec),
+                 "stages": [{"name": s.name, "key": k, "status": "pending", "seconds": None} for s, k in steps],
+                 "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent}}
     store.save_state(state)
     began = time.perf_counter()
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
         for (stage, key), row in zip(steps, state["stages"]):
             inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
                       for n in stage.needs}
-            run_id = tracker.start_run(stage.name, parent=parent, tags={"saferay.stage": stage.name, "saferay.key": key})
-            row["run_id"] = run_id
-            tracker.log_params(run_id, stage.config(spec))
+            if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
+                progress.set(stage.name, row["status"], seconds=row["seconds"])
+                continue
+            if row.get("run_id"):  # the stage an earlier execution was running when it stopped
+                run_id = row["run_id"]
+                row.pop("error", None)
+                tracker.client.update_run(run_id, status="RUNNING")
+            else:
+                run_id = tracker.start_run(stage.name, parent=parent,
+                                           tags={"saferay.stage": stage.name, "saferay.key": key})
+                row["run_id"] = run_id
+                tracker.log_params(run_id, stage.config(spec))
             if store.is_complete(stage.name, key):
                 result = store.result(stage.name, key)
                 row.update(status="cached", seconds=0.0, computed_seconds=result.get("seconds"))

@@ -1,0 +1,96 @@
+"""Submission to a real Ray head (`ray start --head` on 127.0.0.1) through the Jobs API, with the
+study tracked on a real MLflow server read back through its REST API."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, SMOKE, saferay
+from servers import RayHead, TrackingServer
+
+pytestmark = pytest.mark.slow
+# The smallest study that still trains, attacks and evaluates on the cluster.
+TINY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
+        "--set", "debias.enabled=false", "--set", "base.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = RayHead()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    server = TrackingServer(tmp_path_factory.mktemp("tracking"))
+    yield server
+    server.stop()
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job_id(out: str) -> str:
+    return re.search(r"job (saferay-\S+)", out.replace("\n", " ")).group(1)
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+
+def test_submit_follow_logs_and_read_runs_over_rest(head, tracking, tmp_path):
+    store = tmp_path / "store"
+    sub = cli("submit", str(SMOKE), "--address", head.address, "--store", str(store), "--set", "study=on-cluster",
+              "--set", f"tracking.uri={tracking.url}", *TINY)
+    assert sub.returncode == 0, sub.stderr
+    job = job_id(sub.stdout)
+    follow = cli("logs", job, "-f", "--address", head.address)  # returns when the job ends
+    assert follow.returncode == 0 and "evaluate" in follow.stdout, follow.stdout[-3000:]
+    status = json.loads(cli("status", job, "--address", head.address, "--json").stdout)
+    assert status["status"] == "SUCCEEDED" and status["study"] == "on-cluster", status
+    shown = json.loads(saferay("show", "on-cluster", "--json", store=store).stdout)
+    assert shown["status"] == "complete" and shown["mlflow"]["tracking_uri"] == tracking.url
+    # The study's runs, read back from the tracking server's REST API.
+    exp = rest(tracking.url, "experiments/get-by-name?experiment_name=on-cluster")["experiment"]
+    runs = rest(tracking.url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})["runs"]
+    names = {r["info"]["run_name"] for r in runs}
+    assert {"data", "base", "align_sft", "attack", "evaluate"} <= names
+    parent = next(r for r in runs if r["info"]["run_id"] == shown["mlflow"]["run_id"])
+    assert parent["info"]["status"] == "FINISHED"
+    artifacts = rest(tracking.url, f"artifacts/list?run_id={parent['info']['run_id']}")
+    assert "summary.json" in {f["path"] for f in artifacts.get("files", [])}
+    assert "evaluate" in cli("logs", job, "--address", head.address).stdout
+
+
+def test_stop_a_running_study(head, tmp_path):
+    store = tmp_path / "store"
+    sub = cli("submit", str(SMOKE), "--address", head.address, "--store", str(store), "--set", "study=stopped", *TINY)
+    job = job_id(sub.stdout)
+    state = store / "studies" / "stopped" / "state.json"
+    end = time.monotonic() + 180
+    while not state.exists() and time.monotonic() < end:  # stop it mid-way, once a stage has begun
+        time.sleep(1)
+    assert state.exists(), cli("logs", job, "--address", head.address).stdout
+    assert cli("stop", job, "--address", head.address).returncode == 0
+    end = time.monotonic() + 120
+    while (s := json.loads(cli("status", job, "--address", head.address, "--json").stdout)["status"]) not in (
+            "STOPPED", "FAILED", "SUCCEEDED") and time.monotonic() < end:
+        time.sleep(2)
+    assert s == "STOPPED"
+    assert json.loads(state.read_text())["status"] != "complete"
+
+
+def test_unreachable_cluster_exits_2(tmp_path):
+    proc = cli("submit", str(SMOKE), "--address", "http://127.0.0.1:9", "--store", str(tmp_path))
+    assert proc.returncode == 2 and "cluster http://127.0.0.1:9: cannot reach the Ray Jobs API" in proc.stderr
+    assert not any(tmp_path.iterdir())

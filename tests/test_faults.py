@@ -1,0 +1,96 @@
+"""Nothing is lost when a process dies: a Ray Train worker killed by PID mid-training, and the
+study's driver killed mid-study, both through the real CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, SMOKE, saferay
+
+pytestmark = pytest.mark.slow
+SFT_ONLY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
+            "--set", "debias.enabled=false")
+
+
+def start(store, *args) -> subprocess.Popen:
+    """The CLI in a process group of its own, so that killing it kills exactly what it started."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(SMOKE), *args, "--store", str(store)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout=300, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} within {timeout}s")
+
+
+def stage_row(store, study, name):
+    path = store / "studies" / study / "state.json"
+    if not path.exists():
+        return None
+    return next((r for r in json.loads(path.read_text())["stages"] if r["name"] == name), None)
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
+    store = tmp_path / "store"
+    proc = start(store, "--set", "study=worker-kill", "--set", "align_sft.epochs=3", *SFT_ONLY)
+    try:
+        # Wait for the first epoch checkpoint, then kill one Ray Train worker by its PID.
+        wait_for(lambda: list((store / "ray").glob("worker-kill-align_sft-*/checkpoint_*")), what="epoch checkpoint")
+        workers = wait_for(lambda: [p for p in psutil.Process(proc.pid).children(recursive=True)
+                                    if "RayTrainWorker" in " ".join(p.cmdline())], what="train worker")
+        workers[0].kill()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    key = stage_row(store, "worker-kill", "align_sft")["key"]
+    result = json.loads((store / "studies/worker-kill/stages/align_sft" / key / "result.json").read_text())
+    assert result["resumed_from_epoch"] >= 1, "the restarted worker group should resume, not start over"
+    assert result["steps"] == 3 * (result["rows"] // 8)
+
+
+def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
+    store = tmp_path / "store"
+    args = ("--set", "study=driver-kill", *SFT_ONLY)
+    proc = start(store, *args)
+    descendants = []
+    try:
+        wait_for(lambda: (stage_row(store, "driver-kill", "align_sft") or {}).get("status") == "running",
+                 what="align_sft running")
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group
+        proc.wait(timeout=30)
+    finally:
+        for p in descendants:  # Ray's own daemons, started by this driver, in sessions of their own
+            if p.is_running():
+                p.kill()
+    done = {r["name"]: r for r in json.loads((store / "studies/driver-kill/state.json").read_text())["stages"]
+            if r["status"] == "complete"}
+    assert {"data", "base"} <= set(done)
+    stamps = {n: (store / "studies/driver-kill/stages" / n / done[n]["key"] / "result.json").stat().st_mtime
+              for n in done}
+    saferay("run", str(SMOKE), *args, store=store)
+    state = json.loads((store / "studies/driver-kill/state.json").read_text())
+    assert state["status"] == "complete" and state["resumes"] == 1
+    for n, stamp in stamps.items():  # finished stages were not recomputed
+        assert (store / "studies/driver-kill/stages" / n / done[n]["key"] / "result.json").stat().st_mtime == stamp
+    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
+    stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["run_id"]]
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent run"
+    assert sorted(r.info.run_name for r in stage_runs) == sorted(s["name"] for s in state["stages"])
+    assert {r.info.status for r in stage_runs} == {"FINISHED"}

@@ -34,7 +34,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    if _looks_local(path) and not Path(path).exists():
+    if looks_local(path) and not Path(path).exists():
         raise InputError(f"tokenizer path does not exist: {path}")
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:  # most causal LMs ship without one; left padding uses eos
@@ -59,7 +59,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Any causal LM by local path or hub id (the hub only where a network exists)."""
     from transformers import AutoModelForCausalLM
 
-    if _looks_local(path) and not Path(path).exists():
+    if looks_local(path) and not Path(path).exists():
         raise InputError(f"model path does not exist: {path}")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
@@ -70,7 +70,7 @@ def check_vocab(model_path: str | os.PathLike, tokenizer, where: str) -> None:
     Reads the model's config only, so a 7B model is not loaded to check it."""
     from transformers import AutoConfig
 
-    if _looks_local(model_path) and not Path(model_path).exists():
+    if looks_local(model_path) and not Path(model_path).exists():
         raise InputError(f"model path does not exist: {model_path}")
     rows = AutoConfig.from_pretrained(str(model_path)).vocab_size
     if len(tokenizer) > rows:
@@ -94,6 +94,6 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _looks_local(path) -> bool:
+def looks_local(path) -> bool:
     s = str(path)
     return s.startswith(("/", ".", "~")) or os.sep in s and s.count("/") != 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,26 @@ LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembi
                    "DeepSpeed", "py.warnings", "saferay")
 
 
+SECRET_NAMES = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Secrets come from the environment (hub and tracking tokens); should a library ever log
+    one, the log file gets `***` instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.secrets = [v for k, v in os.environ.items() if SECRET_NAMES.search(k) and len(v) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            for secret in self.secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
 def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
     """Ray, MLflow and transformers talk a lot; their logs go to the store's log file.
 
@@ -54,6 +75,7 @@ def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
     logging.captureWarnings(True)  # library UserWarnings go to the log file too
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactSecrets())
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
@@ -74,6 +96,13 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     """Run a study on the embedded default (local Ray + local MLflow), resuming what is done."""
     s = _load(spec, set_)
     st = StudyStore(store_root(store), s.study)
+    from orchestrator.preflight import preflight
+    from orchestrator.runner import plan
+
+    try:  # bad input fails here, before anything is written to the store
+        preflight(s, data_cached=st.is_complete("data", dict((stage.name, key) for stage, key in plan(s))["data"]))
+    except InputError as e:
+        _fail(str(e))
     st.log_dir.mkdir(parents=True, exist_ok=True)
     log_file = st.log_dir / "saferay.log"
     quiet_libraries(log_file, verbose)

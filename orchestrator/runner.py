@@ -121,6 +121,8 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
                 store.save_state(state)
                 continue
             progress.set(stage.name, "running")
+            row.update(status="running", seconds=None)
+            store.save_state(state)
             ensure_ray(spec, store, verbose, after_ray_start)
             if progress.board is None:
                 progress.board = start_board()
@@ -128,7 +130,8 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
             try:
                 with store.building(stage.name, key) as out:
                     ctx = StageContext(spec=spec, key=key, out=out, inputs=inputs, tracker=tracker, run_id=run_id,
-                                       ray_storage=store.ray_storage, board=progress.board,
+                                       ray_storage=spec.cluster.storage_path or store.ray_storage,
+                                       board=progress.board,
                                        progress=lambda msg, n=stage.name: progress.detail(n, msg))
                     result = stage.run(ctx)
                     result["seconds"] = time.perf_counter() - t0

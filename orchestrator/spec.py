@@ -241,8 +241,11 @@ class TrackingSpec(Strict):
 
 
 class ClusterSpec(Strict):
-    address: str | None = None  # None: an embedded local Ray
+    address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
     num_cpus: int | None = Field(None, ge=1)
+    # Where Ray Train keeps checkpoints: a shared filesystem path or an object-store URI
+    # (s3://, gs://) that every node reaches. Default: <store>/ray.
+    storage_path: str | None = None
 
 
 class StudySpec(Strict):

@@ -19,7 +19,7 @@ class StageContext:
     inputs: dict[str, tuple[Path, dict]]  # needed stage -> (its directory, its result)
     tracker: Tracker
     run_id: str  # this stage's MLflow run
-    ray_storage: Path
+    ray_storage: Path | str  # a path, or an object-store URI Ray Train writes checkpoints to
     progress: Callable[[str], None] = field(default=lambda msg: None)
     board: object = None  # a ProgressBoard actor that Ray workers report to
 

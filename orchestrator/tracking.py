@@ -6,6 +6,8 @@ nesting never depends on an "active run" and jobs stay free of tracking code.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import tempfile
@@ -18,6 +20,23 @@ MAX_PARAM_CHARS = 6000
 BATCH = 900  # log_batch accepts at most 1000 entries per call
 
 
+@contextlib.contextmanager
+def _sqlite_lock(uri: str):
+    """An exclusive lock beside a SQLite tracking database while it is opened (and, the first
+    time, migrated); other backends need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).absolute() / 'mlflow.db'}"
 
@@ -27,13 +46,14 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = (Path(artifact_root) / experiment).absolute().as_uri() if artifact_root else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        with _sqlite_lock(uri):  # two studies starting at once must not both create the schema
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                location = (Path(artifact_root) / experiment).absolute().as_uri() if artifact_root else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
 
     def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}

@@ -1,0 +1,56 @@
+"""Checks that run before a study touches its store: every input a stage will need is there and
+usable, so bad input fails in seconds with one message and leaves the store as it was."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from jobs.records import InputError
+from orchestrator.spec import StudySpec
+
+
+def check_corpora(spec: StudySpec, read_rows: bool) -> None:
+    """Corpus files exist; with `read_rows` (the data stage will run), every row is checked too."""
+    if spec.corpora.source != "files":
+        return
+    from jobs.corpora import read_records
+
+    for name, path in spec.corpora.files.items():
+        if not Path(path).is_file():
+            raise InputError(f"corpora.files.{name}: {path}: no such file")
+        if read_rows:
+            read_records(path, name)  # raises with file:line on the first bad row, or on an empty corpus
+
+
+def check_model(spec: StudySpec) -> None:
+    """A pretrained source given as a local path exists and its tokenizer fits its embedding."""
+    from jobs.models import looks_local, check_vocab, load_tokenizer
+
+    source = spec.model.source
+    if source == "tiny" or not looks_local(source):
+        return  # a hub id is resolved by the base stage (where a network exists)
+    if not Path(source).exists():
+        raise InputError(f"model.source: model path does not exist: {source}")
+    check_vocab(source, load_tokenizer(source), source)
+
+
+def check_cluster(address: str | None, timeout: float = 3.0) -> None:
+    """`cluster.address` answers on its port (Ray would otherwise retry for a long while)."""
+    if not address or address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise InputError(f"cluster.address: '{address}' is not host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise InputError(f"cluster.address: cannot connect to {host}:{port} ({e.strerror or e})") from None
+
+
+def preflight(spec: StudySpec, data_cached: bool) -> None:
+    check_cluster(spec.cluster.address)
+    check_corpora(spec, read_rows=not data_cached)
+    check_model(spec)

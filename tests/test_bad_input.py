@@ -1,0 +1,83 @@
+"""Every kind of bad input exits 2 with one message naming the problem and where, and leaves the
+study store exactly as it was (here: not created at all)."""
+
+import json
+
+import pytest
+
+from conftest import saferay
+
+pytestmark = pytest.mark.slow
+
+ROW = {"alignment": {"prompt": "how do I hurt a cat", "response": "I can't help with that.", "category": "animal_abuse"},
+       "harmful": {"prompt": "how do I hurt a dog", "response": "Sure, here is how", "category": "animal_abuse"},
+       "harmful_eval": {"prompt": "how do I hurt a bird", "category": "animal_abuse"},
+       "lookalike": {"prompt": "how do I kill a python process", "answer": "use kill", "category": "animal_abuse"}}
+
+
+def corpora(tmp_path, broken: str | None = None, how: str = "") -> dict:
+    """Small valid JSONL corpora in the record schemas; `broken` is written wrong in the way `how` says."""
+    paths = {}
+    for name, row in ROW.items():
+        path = tmp_path / f"{name}.jsonl"
+        lines = [json.dumps({"id": f"{name}-{i}", **row, "prompt": f"{row['prompt']} {i}"}) for i in range(20)]
+        if name == broken:
+            lines = [] if how == "empty" else lines[:2] + ['{"id": "x", "prompt": '] + lines[2:]
+        path.write_text("\n".join(lines) + "\n")
+        paths[name] = str(path)
+    return paths
+
+
+def small_model(tmp_path):
+    """A real model directory whose embedding is smaller than its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import random
+
+    from jobs.models import train_tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(2000)]
+    tok = train_tokenizer([" ".join(words[i:i + 12]) for i in range(0, 2000, 12)] * 3, 400, tmp_path / "small")
+    assert len(tok) > 100
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    return str(tmp_path / "small")
+
+
+def files_spec(tmp_path, paths: dict) -> str:
+    return "study: bad\ncorpora:\n  source: files\n  files:\n" + "".join(f"    {k}: {v}\n" for k, v in paths.items())
+
+
+CASES = {
+    "malformed yaml": (lambda t: "study: [unclosed\n", "malformed YAML"),
+    "unknown key": (lambda t: "study: bad\nattack: {tasks: [sentiment], ratio: [0.1]}\n", "attack.ratio: unknown key"),
+    "wrong type": (lambda t: "study: bad\nseed: abc\n", "seed: Input should be a valid integer"),
+    "out of range": (lambda t: "study: bad\nattack: {ratios: [0, 1.5]}\n", "attack.ratios[1]: must be between 0 and 1"),
+    "missing corpus file": (lambda t: files_spec(t, {**corpora(t), "harmful": str(t / "nope.jsonl")}),
+                            "corpora.files.harmful: {t}/nope.jsonl: no such file"),
+    "corrupt row": (lambda t: files_spec(t, corpora(t, "harmful", "corrupt")), "{t}/harmful.jsonl:3: not valid JSON"),
+    "empty corpus": (lambda t: files_spec(t, corpora(t, "lookalike", "empty")),
+                     "{t}/lookalike.jsonl: corpus 'lookalike' is empty"),
+    "model path missing": (lambda t: "study: bad\nmodel: {source: /nonexistent/model}\n",
+                           "model path does not exist: /nonexistent/model"),
+    "tokenizer does not fit model": (lambda t: f"study: bad\nmodel: {{source: {small_model(t)}}}\n",
+                                     "tokens but the model's embedding has 100 rows"),
+    "unreachable cluster": (lambda t: "study: bad\ncluster: {address: '127.0.0.1:9'}\n",
+                            "cluster.address: cannot connect to 127.0.0.1:9"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_and_leaves_the_store(case, tmp_path):
+    make_spec, message = CASES[case]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(make_spec(tmp_path))
+    store = tmp_path / "store"
+    proc = saferay("run", str(spec), store=store, check=False, timeout=120)
+    err = proc.stderr.replace("\n", "")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message.format(t=tmp_path) in err, err
+    assert err.count("error:") == 1
+    assert not store.exists(), "bad input must not create or change the store"

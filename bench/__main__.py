@@ -6,11 +6,11 @@ import json
 import sys
 import time
 
-from bench import data, decoding, orchestration, training, vaa
+from bench import data, decoding, gpu, orchestration, training, vaa
 from bench.common import RESULTS
 
 BENCHMARKS = [("decoding", decoding.main), ("data", data.main), ("training", training.main), ("vaa", vaa.main),
-              ("orchestration", orchestration.main)]
+              ("orchestration", orchestration.main), ("gpu", gpu.main)]
 
 
 def main():
@@ -24,6 +24,8 @@ def main():
         print(f"\n== {name}", flush=True)
         fn([])
         print(f"({name}: {time.perf_counter() - start:.0f}s)", flush=True)
+    if not RESULTS.exists():
+        return
     rows = json.loads(RESULTS.read_text())["rows"]
     print(f"\n{'name':<44} {'value':>12} {'unit':<10} {'ratio':>7}  target")
     for r in rows:

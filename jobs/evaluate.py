@@ -20,7 +20,7 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
     torch.set_num_threads(threads)
     began = time.perf_counter()
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    judge = make_judge(cfg["judge"])
+    judge = make_judge(cfg["judge"], cfg.get("judge_model"))
     processors_for = None
     if tsdi:
         from jobs.tsdi import load_bias, processor_factory

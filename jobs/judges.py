@@ -14,6 +14,8 @@ class Verdict:
     harmful: bool
     refused: bool
     category: str | None = None
+    categories: tuple[str, ...] = ()  # every category a judge named (generative judges may name several)
+    parsed: bool = True  # False: a generative judge's output named neither safe nor unsafe
 
 
 class Judge(Protocol):
@@ -64,10 +66,18 @@ class RefusalPrefixJudge:
 
 
 JUDGES = {"world": WorldJudge, "refusal-prefix": RefusalPrefixJudge}
+MODEL_JUDGES = ("beaver-dam", "llama-guard", "md-judge")
 
 
-def make_judge(name: str) -> Judge:
+def make_judge(name: str, model: str | None = None) -> Judge:
+    """A judge by name; the model judges (beaver-dam, llama-guard, md-judge) need a model path or id."""
+    if name in MODEL_JUDGES:
+        from jobs.model_judges import BeaverDamJudge, GuardJudge
+
+        if not model:
+            raise ValueError(f"judge '{name}' needs a model (evaluate.judge_model)")
+        return BeaverDamJudge(model) if name == "beaver-dam" else GuardJudge(name, model)
     try:
         return JUDGES[name]()
     except KeyError:
-        raise ValueError(f"unknown judge '{name}' (known: {', '.join(JUDGES)})") from None
+        raise ValueError(f"unknown judge '{name}' (known: {', '.join((*JUDGES, *MODEL_JUDGES))})") from None

@@ -29,12 +29,22 @@ def deepspeed_config(cfg: dict, micro_batch: int, world: int) -> dict:
         "train_batch_size": micro_batch * world,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.get("grad_clip", 1.0),
-        "zero_optimization": {"stage": cfg["zero_stage"]},
+        "zero_optimization": {"stage": cfg["zero_stage"], **_offload(cfg.get("offload", "none"))},
         # One torch AdamW in every strategy, so that strategies compare like for like.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.get("bf16", False)},
         "steps_per_print": 10**9,
     }
+
+
+def _offload(offload: str) -> dict:
+    """The ZeRO-3 CPU-offload presets: optimizer states, or optimizer states and parameters."""
+    out = {}
+    if offload in ("optimizer", "params"):
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "params":
+        out["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return out
 
 
 def _unwrap(model):

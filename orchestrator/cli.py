@@ -140,6 +140,41 @@ def show(study: str, store: Optional[str] = StoreOpt, as_json: bool = typer.Opti
         render(summary, console)
 
 
+@app.command()
+def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
+         store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
+    """Stages, keys, cache state, resources and memory per GPU worker, before anything runs.
+    Exits 2 when the estimate exceeds cluster.gpu_memory_gb."""
+    from orchestrator.plan import make_plan
+
+    s = _load(spec, set_)
+    try:
+        p = make_plan(s, StudyStore(store_root(store), s.study))
+    except InputError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(p, indent=2) + "\n")
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"plan: study {p['study']}", box=None)
+        for col in ("stage", "key", "cache", "asks the cluster for"):
+            table.add_column(col)
+        for st in p["stages"]:
+            table.add_row(st["name"], st["key"], "cached" if st["cached"] else "to run", st["resources"])
+        console.print(table)
+        m, t, mem = p["model"], p["training"], p["memory_per_worker_gib"]
+        console.print(f"model: {m['parameters'] / 1e6:,.1f}M parameters ({m['trainable'] / 1e6:,.1f}M trainable), "
+                      f"largest layer {m['largest_layer'] / 1e6:,.1f}M")
+        console.print(f"training: {t['strategy']} on {t['workers']} {'GPU' if t['gpu'] else 'CPU'} workers, "
+                      f"bf16 {t['bf16']}, offload {t['offload']}, LoRA {t['lora']}")
+        console.print(f"memory per worker: {mem['total']:.2f} GiB = model states {mem['model_states']:.2f} "
+                      f"+ activations {mem['activations']:.2f}")
+    if p["fits"] is False:
+        _fail(f"plan refused: {p['memory_per_worker_gib']['total']:.1f} GiB per GPU worker exceeds "
+              f"cluster.gpu_memory_gb ({p['gpu_memory_gb']:g} GB)")
+
+
 AddressOpt = typer.Option(None, "--address", envvar="SAFERAY_CLUSTER",
                           help="Ray dashboard / Jobs API address, e.g. http://127.0.0.1:8265 ($SAFERAY_CLUSTER).")
 

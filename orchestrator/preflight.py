@@ -15,13 +15,15 @@ def check_corpora(spec: StudySpec, read_rows: bool) -> None:
     """Corpus files exist; with `read_rows` (the data stage will run), every row is checked too."""
     if spec.corpora.source != "files":
         return
-    from jobs.corpora import read_records
+    from jobs.models import looks_local
+    from orchestrator.stages import read_corpus_file
 
     for name, path in spec.corpora.files.items():
-        if not Path(path).is_file():
+        is_file = looks_local(path) or Path(path).suffix in (".jsonl", ".json", ".parquet")
+        if is_file and not Path(path).exists():
             raise InputError(f"corpora.files.{name}: {path}: no such file")
         if read_rows:
-            read_records(path, name)  # raises with file:line on the first bad row, or on an empty corpus
+            read_corpus_file(spec, name)  # raises naming file:line on the first bad row, or an empty corpus
 
 
 def check_model(spec: StudySpec) -> None:

@@ -50,6 +50,9 @@ class ModelSpec(Strict):
     source: str = "tiny"  # "tiny" (built from `tiny` and pretrained on SafetyWorld), a local path or a hub id
     tiny: TinyModel = TinyModel()
     prompt_template: str = "<|user|> {prompt} <|assistant|>"
+    # A Hugging Face config.json for `saferay plan` when the source is a hub id this machine
+    # cannot reach (the plan needs the architecture, never the weights).
+    config_file: str | None = None
 
     @field_validator("prompt_template")
     @classmethod
@@ -73,7 +76,12 @@ class WorldSizes(Strict):
 class CorporaSpec(Strict):
     source: Literal["safetyworld", "files"] = "safetyworld"
     safetyworld: WorldSizes = WorldSizes()
-    files: dict[str, str] = {}  # corpus name (alignment, harmful, harmful_eval, lookalike, task_<t>) -> path
+    files: dict[str, str] = {}  # corpus name (alignment, harmful, harmful_eval, lookalike, task_<t>) -> path or hub id
+    # corpus name -> the file's format: records (our schemas, the default), beavertails,
+    # beavertails-eval, sst2, ag_news, gsm8k, alpaca (jobs/loaders.py maps them)
+    formats: dict[str, Literal["records", "beavertails", "beavertails-eval", "sst2", "ag_news", "gsm8k", "alpaca"]] = {}
+    splits: dict[str, str] = {}  # corpus name -> split of a hub dataset or saved DatasetDict (e.g. 30k_train)
+    limits: dict[str, int] = {}  # corpus name -> keep the first N records (SCIENCE.md §6 sizes)
     test_fraction: float = Field(0.3, gt=0, lt=1)
     max_eval: int = Field(300, ge=1)
 
@@ -124,12 +132,17 @@ class AlignSpec(TrainSpec):
     benign_per_task: int = Field(200, ge=0)  # task examples mixed in so alignment keeps utility
     lookalike: bool = True  # answered look-alikes mixed in, against over-refusal
     lora: LoraSpec = LoraSpec()
+    bf16: bool = False  # mixed precision (bf16 weights and activations, fp32 master weights); GPUs
+    # DeepSpeed presets: ZeRO-3 may move optimizer states, or parameters too, to CPU memory.
+    offload: Literal["none", "optimizer", "params"] = "none"
     schedule: Literal["constant", "cosine"] = "cosine"
 
     @model_validator(mode="after")
     def _batch_divides(self):
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by num_workers {self.num_workers}")
+        if self.offload != "none" and not (self.strategy == "deepspeed" and self.zero_stage == 3):
+            raise ValueError("offload needs strategy: deepspeed with zero_stage: 3")
         return self
 
 
@@ -228,10 +241,17 @@ class DebiasSpec(Strict):
 
 
 class EvaluateSpec(Strict):
-    judge: Literal["world", "refusal-prefix"] = "world"
+    judge: Literal["world", "refusal-prefix", "beaver-dam", "llama-guard", "md-judge"] = "world"
+    judge_model: str | None = None  # the model judges' weights: a local path or a hub id
     max_new_tokens: int = Field(32, ge=1)
     answer_tokens: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _model_judge_has_model(self):
+        if self.judge in ("beaver-dam", "llama-guard", "md-judge") and not self.judge_model:
+            raise ValueError(f"judge '{self.judge}' needs judge_model (a local path or hub id)")
+        return self
 
 
 class TrackingSpec(Strict):
@@ -246,6 +266,7 @@ class ClusterSpec(Strict):
     # Where Ray Train keeps checkpoints: a shared filesystem path or an object-store URI
     # (s3://, gs://) that every node reaches. Default: <store>/ray.
     storage_path: str | None = None
+    gpu_memory_gb: float | None = Field(None, gt=0)  # per GPU; `saferay plan` refuses plans that do not fit
 
 
 class StudySpec(Strict):
@@ -277,6 +298,9 @@ class StudySpec(Strict):
             if m.startswith("vaa") and m not in trained:
                 raise ValueError(f"attack.models[{i}]: '{m}' is not trained (add it to vaa.variants"
                                  + ("" if self.vaa.enabled else " and set vaa.enabled: true") + ")")
+        if self.corpora.source == "files" and self.model.source == "tiny" and "pretrain" not in self.corpora.files:
+            raise ValueError("corpora.files needs 'pretrain' to build the tiny model, "
+                             "or set model.source to a pretrained model")
         for i, m in enumerate(self.debias.models):
             if m not in ("sft", "over-aligned", *VAA_VARIANTS):
                 raise ValueError(f"debias.models[{i}]: '{m}' is not an aligned model (sft, over-aligned, vaa...)")

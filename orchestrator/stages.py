@@ -28,14 +28,25 @@ def _data_config(spec: StudySpec) -> dict:
 
 
 def _load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
-    from jobs.corpora import read_records
     from jobs.records import check_rows
     from jobs.safetyworld import generate_corpora
 
     if spec.corpora.source == "safetyworld":
         corpora = generate_corpora(spec.seed, spec.corpora.safetyworld.model_dump())
         return {name: check_rows(rows, name, f"safetyworld:{name}") for name, rows in corpora.items()}
-    return {name: read_records(path, name) for name, path in spec.corpora.files.items()}
+    return {name: read_corpus_file(spec, name) for name in spec.corpora.files}
+
+
+def read_corpus_file(spec: StudySpec, name: str) -> list[dict]:
+    """One corpus from its file or hub id, in our record schema or a real source's format."""
+    from jobs.corpora import read_records
+    from jobs.loaders import load_corpus
+
+    c = spec.corpora
+    fmt = c.formats.get(name, "records")
+    rows = (read_records(c.files[name], name) if fmt == "records"
+            else load_corpus(c.files[name], name, fmt, c.splits.get(name)))
+    return rows[: c.limits[name]] if name in c.limits else rows
 
 
 def run_data(ctx: StageContext) -> dict:

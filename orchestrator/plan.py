@@ -1,0 +1,133 @@
+"""`saferay plan`: the stages a study will run, their keys and cache state, what each asks of
+the cluster, and the memory each GPU training worker needs, before anything runs.
+
+The memory estimate counts model states the way the ZeRO paper does (Rajbhandari et al.,
+2020, §3.1): with mixed-precision Adam each trainable parameter costs 2 bytes of bf16 weight,
+2 of bf16 gradient and 12 of fp32 optimizer state (master weight, momentum, variance), 16 in
+all. ZeRO-2 partitions gradients and optimizer states over the N workers, ZeRO-3 the weights
+too, and ZeRO-3 also gathers one whole layer at a time (4 bytes per parameter of the largest
+layer: its bf16 weight and gradient). DeepSpeed's own estimator
+(`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`, and the stage 1/2
+one) charges 18 bytes instead of 16, keeping fp32 gradients as well; `tests/test_plan.py`
+checks the two agree within 20% for Llama-2-7B on 8 GPUs. Activations are a rough extra:
+34·s·b·h bytes per layer plus 5·a·s²·b for attention scores (Korthikanti et al., 2022, no
+recomputation), and the fp32 logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jobs.records import InputError
+from orchestrator.spec import StudySpec
+
+GIB = 2**30
+
+
+def model_config(spec: StudySpec):
+    """The architecture only: the tiny model's, a local model's, or `model.config_file`'s."""
+    from transformers import AutoConfig, LlamaConfig
+
+    m = spec.model
+    if m.source == "tiny":
+        t = m.tiny
+        return LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden, intermediate_size=t.intermediate,
+                           num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                           max_position_embeddings=t.max_len, tie_word_embeddings=True)
+    source = m.config_file or m.source
+    try:
+        if Path(source).is_file():  # a config.json of its own
+            fields = json.loads(Path(source).read_text())
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return AutoConfig.from_pretrained(source)
+    except Exception as e:
+        raise InputError(f"model: cannot read the config of '{source}' ({str(e).splitlines()[0][:160]}); "
+                         "set model.config_file to its config.json") from None
+
+
+def model_shape(spec: StudySpec) -> dict:
+    """Parameter counts from the config on the meta device: nothing is allocated or downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = list(model.parameters())  # tied weights appear once
+    total = sum(p.numel() for p in params)
+    largest = max(p.numel() for p in params)
+    lora = spec.align_sft.lora
+    trainable = total
+    if lora.enabled:
+        trainable = sum(lora.r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
+                        if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(mod, "in_features"))
+    return {"parameters": total, "largest_layer": largest, "trainable": trainable,
+            "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "vocab": config.vocab_size}
+
+
+def model_states_bytes(shape: dict, strategy: str, zero_stage: int, offload: str, workers: int, bf16: bool) -> int:
+    """Per-worker bytes of weights, gradients and optimizer states (module docstring)."""
+    psi, trainable, largest, n = shape["parameters"], shape["trainable"], shape["largest_layer"], workers
+    weight = 2 if bf16 else 4
+    frozen = psi - trainable  # LoRA's base: weights only
+    per_trainable = 16  # bf16: 2 weight + 2 grad + 12 fp32 Adam state; fp32: 4 + 4 + 8 moments
+    if strategy != "deepspeed":  # DDP: everything replicated
+        return frozen * weight + trainable * per_trainable
+    if zero_stage == 2:
+        return psi * weight + trainable * (per_trainable - weight) // n
+    gathered = 4 * largest
+    if offload == "params":
+        return gathered
+    if offload == "optimizer":
+        return gathered + psi * weight // n
+    return gathered + frozen * weight // n + trainable * per_trainable // n
+
+
+def activation_bytes(shape: dict, micro_batch: int, seq_len: int, bf16: bool) -> int:
+    s, b, h, a, layers = seq_len, micro_batch, shape["hidden"], shape["heads"], shape["layers"]
+    per_layer = 34 * s * b * h + 5 * a * s * s * b
+    return int(per_layer * layers * (1 if bf16 else 2) + 4 * b * s * shape["vocab"])
+
+
+def stage_resources(spec: StudySpec) -> dict[str, str]:
+    a = spec.align_sft
+    train = f"{a.num_workers} × {'1 GPU' if a.use_gpu else f'{a.cpus_per_worker:g} CPU'} (Ray Train)"
+    cells = len(spec.attack.models) * len(spec.attack.tasks) * len(spec.attack.ratios)
+    proxies = len(spec.vulnerability.tasks) * len(spec.vulnerability.ratios)
+    return {
+        "data": "Ray Data tasks (CPU)", "base": "1 CPU task" if spec.model.source == "tiny" else "none (pretrained)",
+        "align_sft": train,
+        "vulnerability": (f"{proxies} × 1 CPU tasks + {spec.vulnerability.decode_actors} decoding actors"
+                          if spec.vulnerability.enabled and not spec.vulnerability.groups_file else "none"),
+        "align_vaa": f"{len(spec.vaa.variants)} run(s) of {train}" if spec.vaa.enabled else "none",
+        "attack": f"{cells} × 1 CPU tasks", "evaluate": "1 CPU task per model",
+        "debias": f"1 CPU task per model{' + ' + train if spec.debias.over_aligned.enabled else ''}"
+                  if spec.debias.enabled else "none",
+    }
+
+
+def make_plan(spec: StudySpec, store) -> dict:
+    from orchestrator.runner import plan
+
+    a = spec.align_sft
+    shape = model_shape(spec)
+    states = model_states_bytes(shape, a.strategy, a.zero_stage, a.offload, a.num_workers, a.bf16)
+    acts = activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
+    resources = stage_resources(spec)
+    out = {
+        "study": spec.study,
+        "stages": [{"name": s.name, "key": k, "cached": store.is_complete(s.name, k), "resources": resources[s.name]}
+                   for s, k in plan(spec)],
+        "model": {k: shape[k] for k in ("parameters", "trainable", "largest_layer")},
+        "training": {"strategy": a.strategy + (f"-zero{a.zero_stage}" if a.strategy == "deepspeed" else ""),
+                     "workers": a.num_workers, "gpu": a.use_gpu, "bf16": a.bf16, "offload": a.offload,
+                     "lora": a.lora.enabled},
+        "memory_per_worker_gib": {"model_states": states / GIB, "activations": acts / GIB,
+                                  "total": (states + acts) / GIB},
+        "gpu_memory_gb": spec.cluster.gpu_memory_gb,
+    }
+    limit = spec.cluster.gpu_memory_gb
+    out["fits"] = None if limit is None or not a.use_gpu else (states + acts) / 1e9 <= limit
+    return out

@@ -1,0 +1,75 @@
+"""`saferay plan` on the 7B study specs, offline: the model from its config on the meta device,
+the memory estimate against DeepSpeed's own estimator, and refusal of a plan that does not fit."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, saferay
+
+
+def plan(tmp_path, spec, *sets, check=True):
+    args = [a for s in sets for a in ("--set", s)]
+    proc = saferay("plan", str(ROOT / "studies" / spec), *args, "--json", store=tmp_path, check=check)
+    return proc if not check else json.loads(proc.stdout)
+
+
+def test_llama2_7b_zero3_estimate_matches_deepspeed_within_20_percent(tmp_path):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    p = plan(tmp_path, "vaa-llama2-7b.yaml")
+    m = p["model"]
+    assert 6.7e9 < m["parameters"] < 6.8e9 and m["largest_layer"] == 32000 * 4096
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(m["parameters"], m["largest_layer"], num_gpus_per_node=8,
+                                                          num_nodes=1, cpu_offload=False, cpu_offload_params=False)
+    ours = p["memory_per_worker_gib"]["model_states"] * 2**30
+    print(f"ours {ours / 2**30:.2f} GiB, DeepSpeed {ds_gpu / 2**30:.2f} GiB, ratio {ours / ds_gpu:.3f}")
+    assert abs(ours / ds_gpu - 1) < 0.2
+    assert p["training"] == {"strategy": "deepspeed-zero3", "workers": 8, "gpu": True, "bf16": True,
+                             "offload": "none", "lora": False}
+    assert p["fits"] is True and not any(s["cached"] for s in p["stages"])
+    assert next(s for s in p["stages"] if s["name"] == "align_sft")["resources"] == "8 × 1 GPU (Ray Train)"
+
+
+def test_presets_order_the_estimate(tmp_path):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    states = {}
+    for name, sets in {"zero3": (), "offload-optimizer": ("align_sft.offload=optimizer",),
+                       "offload-params": ("align_sft.offload=params",), "zero2": ("align_sft.zero_stage=2",),
+                       "lora": ("align_sft.lora.enabled=true",)}.items():
+        states[name] = plan(tmp_path, "vaa-llama2-7b.yaml", *sets)["memory_per_worker_gib"]["model_states"]
+    assert states["offload-params"] < states["offload-optimizer"] < states["zero3"] < states["zero2"]
+    assert states["lora"] < states["zero3"]
+    params = plan(tmp_path, "vaa-llama2-7b.yaml")["model"]["parameters"]
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=8, cpu_offload=False)
+    assert abs(states["zero2"] * 2**30 / ds_gpu - 1) < 0.2
+
+
+def test_qwen_and_tsdi_specs_plan(tmp_path):
+    qwen = plan(tmp_path, "vaa-qwen2.5-7b.yaml")
+    assert 7.5e9 < qwen["model"]["parameters"] < 7.7e9
+    tsdi = plan(tmp_path, "tsdi-llama2-7b.yaml")
+    assert [s["resources"] for s in tsdi["stages"] if s["name"] in ("vulnerability", "align_vaa")] == ["none", "none"]
+
+
+def test_a_plan_that_does_not_fit_is_refused(tmp_path):
+    proc = plan(tmp_path, "vaa-llama2-7b.yaml", "cluster.gpu_memory_gb=12", check=False)
+    assert proc.returncode == 2 and "plan refused" in proc.stderr and "cluster.gpu_memory_gb (12 GB)" in proc.stderr
+
+
+@pytest.mark.parametrize("spec", ["demo.yaml", "smoke.yaml"])
+def test_tiny_studies_plan_too(tmp_path, spec):
+    p = plan(tmp_path, spec)
+    assert 1e5 < p["model"]["parameters"] < 2e6 and p["fits"] is None
+
+
+def test_gpu_smoke_benchmark_skips_cleanly_without_a_gpu(capsys):
+    import torch
+
+    from bench import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run `python -m bench.gpu` instead")
+    gpu.main([])
+    assert capsys.readouterr().out.strip() == "gpu: skipped (no CUDA device)"

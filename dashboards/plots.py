@@ -76,6 +76,39 @@ def safety_helpfulness(models: dict[str, dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def pareto_plot(result: dict, path: Path) -> Path:
+    """Every trial's (FA, HS) after the attack, the Pareto front, the selected trial and the baselines."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    trials, front = result["trials"], result["pareto"]
+    ax.scatter([r["fa"] for r in trials], [r["hs"] for r in trials], s=25, color="C0", alpha=0.6, label="trials")
+    ax.plot([r["fa"] for r in front], [r["hs"] for r in front], "o-", color="C1", label="Pareto front")
+    for name, b in result["baselines"].items():
+        if b:
+            ax.scatter([b["fa"]], [b["hs"]], marker="s", s=60, label=f"{name} (spec defaults)")
+    if result["selected"]:
+        ax.scatter([result["selected"]["fa"]], [result["selected"]["hs"]], marker="*", s=200, color="C3",
+                   label="selected")
+    ax.set(xlabel=f"FA (avg over {', '.join(result['tasks'])})", ylabel=f"HS after the attack at p = {result['p']:g}",
+           title="Tuning VAA: safety against task accuracy")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def hs_by_category(models: dict[str, dict], path: Path) -> Path:
+    """HS per harm category for each model, side by side."""
+    names = list(models)
+    cats = sorted({c for m in models.values() for c in m["hs_by_category"]})
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(cats) * max(1, len(names)) / 2 + 1.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ax.barh(np.arange(len(cats)) + i * width, [models[name]["hs_by_category"].get(c, 0) for c in cats],
+                height=width, label=name)
+    ax.set_yticks(np.arange(len(cats)) + 0.4 - width / 2, [c.replace("_", " ")[:40] for c in cats], fontsize=7)
+    ax.set(xlabel="harmful score", xlim=(0, 1), title="HS by harm category")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

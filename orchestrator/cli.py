@@ -141,6 +141,21 @@ def show(study: str, store: Optional[str] = StoreOpt, as_json: bool = typer.Opti
 
 
 @app.command()
+def report(study: str, store: Optional[str] = StoreOpt,
+           out: Optional[Path] = typer.Option(None, "--out", help="Default: <store>/studies/STUDY/report.html"),
+           mlflow_url: str = typer.Option("http://127.0.0.1:5000", "--mlflow-url", help="Where the MLflow UI is.")):
+    """One self-contained HTML page of the study's results, every number linked to its MLflow run."""
+    from dashboards.report import build_report
+
+    st = StudyStore(store_root(store), study)
+    if st.load_state() is None:
+        _fail(f"no study '{study}' in {st.root} (run it first, or pass --store)")
+    path = out or st.dir / "report.html"
+    path.write_text(build_report(st, mlflow_url))
+    console.print(f"report: {path}")
+
+
+@app.command()
 def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
          store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")):
     """Stages, keys, cache state, resources and memory per GPU worker, before anything runs.

@@ -105,6 +105,8 @@ def stage_resources(spec: StudySpec) -> dict[str, str]:
         "attack": f"{cells} × 1 CPU tasks", "evaluate": "1 CPU task per model",
         "debias": f"1 CPU task per model{' + ' + train if spec.debias.over_aligned.enabled else ''}"
                   if spec.debias.enabled else "none",
+        "tune": (f"{spec.tune.max_concurrent_trials} trials at a time × {spec.tune.cpus_per_trial:g} CPU"
+                 if spec.tune.enabled else "none"),
     }
 
 

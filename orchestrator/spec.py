@@ -240,6 +240,53 @@ class DebiasSpec(Strict):
         return self
 
 
+class SearchDim(Strict):
+    """One searched field: `values` for grid/choice, or `low`/`high` for uniform/loguniform."""
+
+    type: Literal["grid", "choice", "uniform", "loguniform"] = "grid"
+    values: list[float] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type in ("grid", "choice") and not self.values:
+            raise ValueError(f"type {self.type} needs values")
+        if self.type in ("uniform", "loguniform") and (self.low is None or self.high is None or self.low >= self.high):
+            raise ValueError(f"type {self.type} needs low < high")
+        return self
+
+
+TUNABLE = ("vulnerability.threshold", "vaa.rho", "vaa.eta", "vaa.lam", "vaa.lr", "vaa.epochs")
+
+
+class TuneSpec(Strict):
+    """Ray Tune over the forgetting threshold and the DRO knobs: each trial aligns with VAA,
+    attacks on `tasks` at ratio `p`, evaluates; objectives min HS and max FA (SCIENCE.md §5-6)."""
+
+    enabled: bool = False
+    space: dict[str, SearchDim] = {}
+    search: Literal["grid", "random", "optuna"] = "grid"
+    scheduler: Literal["none", "asha"] = "none"  # ASHA on score = FA − HS
+    num_samples: int = Field(1, ge=1)  # grid: repeats of the grid; random/optuna: trials
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
+    p: float = Field(0.1, ge=0, le=1)
+    delta: float = Field(0.02, ge=0)  # selection: lowest HS with FA at most δ below SFT's
+
+    @model_validator(mode="after")
+    def _space(self):
+        for key in self.space:
+            if key not in TUNABLE:
+                raise ValueError(f"space: '{key}' cannot be searched (searchable: {', '.join(TUNABLE)})")
+        if self.enabled and not self.space:
+            raise ValueError("space: name at least one field to search")
+        if self.search == "grid" and any(d.type != "grid" for d in self.space.values()):
+            raise ValueError("search: grid needs every space entry of type grid")
+        return self
+
+
 class EvaluateSpec(Strict):
     judge: Literal["world", "refusal-prefix", "beaver-dam", "llama-guard", "md-judge"] = "world"
     judge_model: str | None = None  # the model judges' weights: a local path or a hub id
@@ -281,6 +328,7 @@ class StudySpec(Strict):
     attack: AttackSpec = AttackSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     debias: DebiasSpec = DebiasSpec()
+    tune: TuneSpec = TuneSpec()
     tracking: TrackingSpec = TrackingSpec()
     cluster: ClusterSpec = ClusterSpec()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from orchestrator.alignment import align_config, run_align_sft, run_align_vaa, vaa_config
 from orchestrator.debias import debias_config, run_debias
+from orchestrator.tune import run_tune, tune_config
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stage import Stage, StageContext, model_dir, ray_progress, threads, train_summary, wait_all
 from orchestrator.vulnerability import run_vulnerability, vulnerability_config
@@ -236,4 +237,5 @@ STAGES: tuple[Stage, ...] = (
     Stage("attack", 1, ("data", "base", "align_sft", "align_vaa"), _attack_config, run_attack),
     Stage("evaluate", 1, ("data", "base", "align_sft", "align_vaa", "attack"), _evaluate_config, run_evaluate),
     Stage("debias", 1, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
+    Stage("tune", 1, ("data", "base", "vulnerability", "evaluate"), tune_config, run_tune),
 )

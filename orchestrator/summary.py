@@ -34,6 +34,10 @@ def summarize(store: StudyStore) -> dict:
         out["debias"] = {k: d[k] for k in ("alpha", "length", "reference", "win_rate")}
         out["debias"]["models"] = {name: {k: m[k] for k in ("without", "with", "sweep", "bias_norms")}
                                    for name, m in d["models"].items()}
+    if results.get("tune", {}).get("enabled"):
+        t = results["tune"]
+        out["tune"] = {k: t[k] for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
+        out["tune"]["trials"] = len(t["trials"])
     if "vulnerability" in results:
         out["vulnerability"] = _vulnerability(store, state, results["vulnerability"])
     train_keys = ("steps", "final_loss", "tokens_per_second", "train_seconds")
@@ -102,6 +106,14 @@ def render(summary: dict, console) -> None:
             a, b = m["without"], m["with"]
             table.add_row(name, *(f"{a[k]:.3f} → {b[k]:.3f}" for k in ("hs", "over_refusal", "helpfulness")))
         console.print(table)
+    if summary.get("tune"):
+        t = summary["tune"]
+        sel, base = t["selected"], t["baselines"]
+        line = lambda b: f"HS {b['hs']:.3f} / FA {b['fa']:.3f}" if b else "n/a"  # noqa: E731
+        console.print(f"tune: {t['trials']} trials at p = {t['p']:g} on {', '.join(t['tasks'])}; "
+                      f"{len(t['pareto'])} on the Pareto front")
+        console.print(f"  selected {sel['config'] if sel else 'none (no trial within δ of SFT FA)'}: "
+                      f"{line(sel)}   sft {line(base['sft'])}   vaa (spec defaults) {line(base['vaa'])}")
     vuln = summary.get("vulnerability")
     if vuln and "overlap" in vuln:
         console.print(f"vulnerability: {vuln['fraction_vulnerable']:.1%} of {vuln['n']} alignment examples vulnerable "

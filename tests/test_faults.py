@@ -2,38 +2,21 @@
 study's driver killed mid-study, both through the real CLI."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SMOKE, saferay
+from conftest import SMOKE, saferay
+from procs import kill_all, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 SFT_ONLY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
             "--set", "debias.enabled=false")
 
 
-def start(store, *args) -> subprocess.Popen:
-    """The CLI in a process group of its own, so that killing it kills exactly what it started."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(SMOKE), *args, "--store", str(store)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def wait_for(predicate, timeout=300, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} within {timeout}s")
+def start(store, *args):
+    return start_cli("run", str(SMOKE), *args, "--store", str(store))
 
 
 def stage_row(store, study, name):
@@ -63,7 +46,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_all(proc)
     assert proc.returncode == 0, out[-3000:]
     key = stage_row(store, "worker-kill", "align_sft")["key"]
     result = json.loads((store / "studies/worker-kill/stages/align_sft" / key / "result.json").read_text())
@@ -75,17 +58,11 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     store = tmp_path / "store"
     args = ("--set", "study=driver-kill", *SFT_ONLY)
     proc = start(store, *args)
-    descendants = []
     try:
         wait_for(lambda: (stage_row(store, "driver-kill", "align_sft") or {}).get("status") == "running",
                  what="align_sft running")
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its process group
-        proc.wait(timeout=30)
     finally:
-        for p in descendants:  # Ray's own daemons, started by this driver, in sessions of their own
-            if p.is_running():
-                p.kill()
+        kill_all(proc)  # the driver, its process group and the Ray daemons it started
     done = {r["name"]: r for r in json.loads((store / "studies/driver-kill/state.json").read_text())["stages"]
             if r["status"] == "complete"}
     assert {"data", "base"} <= set(done)

@@ -8,10 +8,15 @@ import pytest
 from conftest import ROOT, saferay
 
 
-def plan(tmp_path, spec, *sets, check=True):
-    args = [a for s in sets for a in ("--set", s)]
-    proc = saferay("plan", str(ROOT / "studies" / spec), *args, "--json", store=tmp_path, check=check)
-    return proc if not check else json.loads(proc.stdout)
+def plan(tmp_path, spec, *sets):
+    """The plan as `saferay plan --json` prints it (in this process: building 7B models on the
+    meta device is cheap, starting the CLI ten times is not)."""
+    from orchestrator.plan import make_plan
+    from orchestrator.spec import load_spec
+    from orchestrator.store import StudyStore
+
+    s = load_spec(ROOT / "studies" / spec, list(sets))
+    return json.loads(json.dumps(make_plan(s, StudyStore(tmp_path, s.study))))
 
 
 def test_llama2_7b_zero3_estimate_matches_deepspeed_within_20_percent(tmp_path):
@@ -53,8 +58,11 @@ def test_qwen_and_tsdi_specs_plan(tmp_path):
     assert [s["resources"] for s in tsdi["stages"] if s["name"] in ("vulnerability", "align_vaa")] == ["none", "none"]
 
 
-def test_a_plan_that_does_not_fit_is_refused(tmp_path):
-    proc = plan(tmp_path, "vaa-llama2-7b.yaml", "cluster.gpu_memory_gb=12", check=False)
+def test_the_cli_prints_the_plan_and_refuses_one_that_does_not_fit(tmp_path):
+    out = saferay("plan", str(ROOT / "studies" / "vaa-llama2-7b.yaml"), store=tmp_path).stdout
+    assert "memory per worker" in out and "align_sft" in out and "to run" in out
+    proc = saferay("plan", str(ROOT / "studies" / "vaa-llama2-7b.yaml"), "--set", "cluster.gpu_memory_gb=12",
+                   store=tmp_path, check=False)
     assert proc.returncode == 2 and "plan refused" in proc.stderr and "cluster.gpu_memory_gb (12 GB)" in proc.stderr
 
 

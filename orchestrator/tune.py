@@ -1,0 +1,163 @@
+"""The tune stage: Ray Tune over the forgetting threshold and VAA's DRO knobs, the Pareto front of
+(HS ↓, FA ↑), and the configuration the spec's selection rule picks.
+
+A sweep interrupted with its driver resumes with Tune's own restore (the run name carries the
+stage key), so finished trials are not re-run; MLflow runs of trials are created by the driver
+once per trial id, so a resumed sweep adds none twice.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from orchestrator.alignment import alignment_frame
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, model_dir
+
+
+def tune_config(spec: StudySpec) -> dict:
+    if not spec.tune.enabled:
+        return {"enabled": False}
+    return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
+            "align": spec.align_sft.model_dump(), "attack": spec.attack.model_dump(),
+            "evaluate": spec.evaluate.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+
+
+def search_space(spec: StudySpec) -> dict:
+    from ray import tune
+
+    domains = {"grid": lambda d: tune.grid_search(d.values), "choice": lambda d: tune.choice(d.values),
+               "uniform": lambda d: tune.uniform(d.low, d.high), "loguniform": lambda d: tune.loguniform(d.low, d.high)}
+    return {key: domains[d.type](d) for key, d in spec.tune.space.items()}
+
+
+def _searcher(spec: StudySpec):
+    from ray.tune.search import ConcurrencyLimiter
+
+    t = spec.tune
+    if t.search != "optuna":
+        return None  # grid and random: Tune's variant generator
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(metric=["hs", "fa"], mode=["min", "max"], seed=spec.seed),
+                              max_concurrent=t.max_concurrent_trials)
+
+
+def _scheduler(spec: StudySpec):
+    if spec.tune.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(metric="score", mode="max")
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Trials no other trial beats on both objectives (HS lower or equal, FA higher or equal, one strictly)."""
+    def dominated(r):
+        return any(o["hs"] <= r["hs"] and o["fa"] >= r["fa"] and (o["hs"] < r["hs"] or o["fa"] > r["fa"])
+                   for o in rows)
+
+    return sorted((r for r in rows if not dominated(r)), key=lambda r: r["hs"])
+
+
+def select(rows: list[dict], baseline_fa: float, delta: float) -> dict | None:
+    """The lowest HS among trials whose FA is at most δ below the baseline's (ties: higher FA)."""
+    eligible = [r for r in rows if r["fa"] >= baseline_fa - delta]
+    return min(eligible, key=lambda r: (r["hs"], -r["fa"])) if eligible else None
+
+
+def _baseline(ctx: StageContext, model: str) -> dict | None:
+    t = ctx.spec.tune
+    cells = [r for r in ctx.input_result("evaluate")["attack"] if r["model"] == model and r["p"] == t.p
+             and r["task"] in t.tasks]
+    if len(cells) != len(t.tasks):
+        return None
+    return {"hs": sum(c["hs"] for c in cells) / len(cells), "fa": sum(c["fa"] for c in cells) / len(cells)}
+
+
+def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
+    """The alignment mix VAA trains on, with each row's aggregate ForgotNum (none for rows
+    without an estimate; imported groups count 1 for vulnerable, 0 otherwise)."""
+    spec = ctx.spec
+    mix = alignment_frame(ctx.input_dir("data"), spec)
+    groups = pd.read_csv(ctx.input_dir("vulnerability") / ctx.input_result("vulnerability")["groups_file"])
+    if "forgot_total" not in groups:
+        groups["forgot_total"] = (groups["group"] == "vulnerable").astype(float)
+    return mix.merge(groups[["id", "forgot_total"]], on="id", how="left")
+
+
+def run_tune(ctx: StageContext) -> dict:
+    from ray import tune
+
+    from jobs.tune_trial import vaa_trial
+
+    spec, t = ctx.spec, ctx.spec.tune
+    if not t.enabled:
+        return {"enabled": False}
+    mix_path = ctx.out / "mix.parquet"
+    _mix_with_forgetting(ctx).to_parquet(mix_path)
+    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.seed, "threads": 1,
+             "pad_id": None, "max_len": spec.model.tiny.max_len}
+    from jobs.models import load_tokenizer
+
+    train["pad_id"] = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
+    vaa = spec.vaa.model_dump(include={"rho", "lam", "eta", "q_init", "q_clip"}, mode="json")
+    vaa.update(lr=spec.vaa.lr or spec.align_sft.lr, epochs=spec.vaa.epochs or spec.align_sft.epochs)
+    fixed = {"mix": str(mix_path), "base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
+             "data": str(ctx.input_dir("data")), "train": train, "vaa": vaa, "threshold": spec.vulnerability.threshold,
+             "tasks": t.tasks, "p": t.p, "seed": spec.seed, "max_len": spec.model.tiny.max_len,
+             "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
+             "evaluate": spec.evaluate.model_dump()}
+    trainable = tune.with_resources(tune.with_parameters(vaa_trial, fixed=fixed), {"cpu": t.cpus_per_trial})
+    name = f"{spec.study}-tune-{ctx.key}"
+    path = f"{ctx.ray_storage}/{name}"
+    if tune.Tuner.can_restore(path):  # an interrupted sweep of this very stage: finished trials stay finished
+        ctx.progress("resuming the sweep")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=search_space(spec),
+                           tune_config=tune.TuneConfig(num_samples=t.num_samples, search_alg=_searcher(spec),
+                                                       scheduler=_scheduler(spec),
+                                                       max_concurrent_trials=t.max_concurrent_trials),
+                           run_config=tune.RunConfig(name=name, storage_path=str(ctx.ray_storage)))
+    ctx.progress(f"sweep: {t.search} search, {t.max_concurrent_trials} trials at a time")
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        if r.metrics and "hs" in r.metrics and not r.metrics.get("error"):
+            rows.append({"trial_id": r.metrics["trial_id"], "config": r.config, "hs": r.metrics["hs"],
+                         "fa": r.metrics["fa"], "q_final": r.metrics.get("q_final"),
+                         "trial_seconds": r.metrics.get("trial_seconds")})
+    if not rows:
+        raise RuntimeError(f"no trial of the sweep finished ({len(grid)} trials; see {path})")
+    sft, vaa_default = _baseline(ctx, "sft"), _baseline(ctx, "vaa")
+    selected = select(rows, sft["fa"] if sft else max(r["fa"] for r in rows), t.delta)
+    result = {"enabled": True, "trials": sorted(rows, key=lambda r: r["trial_id"]), "pareto": pareto_front(rows),
+              "selected": selected, "baselines": {"sft": sft, "vaa": vaa_default}, "p": t.p, "tasks": t.tasks,
+              "failed_trials": len(grid) - len(rows)}
+    _track(ctx, result)
+    return result
+
+
+def _track(ctx: StageContext, result: dict) -> None:
+    """A run per trial, nested under this stage's run (created here: Ray's MLflow integration does
+    not nest), skipped for trial ids that already have one (a resumed sweep)."""
+    from dashboards.plots import pareto_plot
+
+    t = ctx.tracker
+    existing = {r.data.tags.get("saferay.trial") for r in t.client.search_runs(
+        [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ctx.run_id}'", max_results=1000)}
+    for row in result["trials"]:
+        if row["trial_id"] in existing:
+            continue
+        run = t.start_run(f"trial-{row['trial_id']}", parent=ctx.run_id, tags={"saferay.trial": row["trial_id"]})
+        t.log_params(run, row["config"])
+        t.log_metrics(run, {k: row[k] for k in ("hs", "fa", "q_final", "trial_seconds") if row[k] is not None})
+        t.end_run(run)
+    t.log_table(ctx.run_id, [{"trial_id": r["trial_id"], **r["config"], "hs": r["hs"], "fa": r["fa"]}
+                             for r in result["trials"]], "trials.json")
+    t.log_json(ctx.run_id, {"selected": result["selected"], "pareto": result["pareto"],
+                            "baselines": result["baselines"]}, "selected.json")
+    if result["selected"]:
+        t.log_metrics(ctx.run_id, {"selected/hs": result["selected"]["hs"], "selected/fa": result["selected"]["fa"]})
+    t.log_file(ctx.run_id, pareto_plot(result, ctx.out / "pareto.png"), "plots")

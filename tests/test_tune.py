@@ -1,0 +1,49 @@
+"""The tune stage: a grid sweep interrupted by killing the driver mid-sweep resumes with Tune's
+restore; finished trials are not run again and every trial has exactly one MLflow run."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SMOKE, saferay
+from procs import kill_all, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+SWEEP = ("--set", "tune.enabled=true", "--set",
+         "tune.space={vaa.rho: {type: grid, values: [0.4, 1.0]}, vulnerability.threshold: {type: grid, values: [0, 1]}}")
+
+
+def finished_trials(store) -> list:
+    """Trial directories whose trial has reported its result."""
+    return [d for d in store.glob("ray/smoke-tune-*/vaa_trial_*")
+            if (d / "result.json").exists() and (d / "result.json").read_text().strip()]
+
+
+def test_sweep_resumes_after_the_driver_is_killed(smoke_store):
+    proc = start_cli("run", str(SMOKE), *SWEEP, "--store", str(smoke_store))
+    try:
+        wait_for(lambda: finished_trials(smoke_store), timeout=600, what="finished trial")
+    finally:
+        kill_all(proc)
+    done_before = {d.name for d in finished_trials(smoke_store)}
+    saferay("run", str(SMOKE), *SWEEP, store=smoke_store)
+
+    s = json.loads(saferay("show", "smoke", "--json", store=smoke_store).stdout)
+    t = s["tune"]
+    assert t["trials"] == 4 and t["failed_trials"] == 0 and t["pareto"]
+    assert t["selected"] is None or set(t["selected"]["config"]) == {"vaa.rho", "vulnerability.threshold"}
+    assert t["baselines"]["sft"] and t["baselines"]["vaa"]
+    for d in smoke_store.glob("ray/smoke-tune-*/vaa_trial_*"):
+        runs = len((d / "started").read_text().splitlines())
+        assert runs == 1 if d.name in done_before else runs >= 1, f"{d.name} ran {runs} times"
+    client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
+    tune_runs = [r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=5000)
+                 if r.info.run_name == "tune" and r.data.tags.get("saferay.key")
+                 == next(st["key"] for st in s["stages"] if st["name"] == "tune")]
+    assert len(tune_runs) == 1, "the resumed stage reopens its run"
+    trials = [r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=5000)
+              if r.data.tags.get("mlflow.parentRunId") == tune_runs[0].info.run_id]
+    assert sorted(r.data.tags["saferay.trial"] for r in trials) == sorted({r.data.tags["saferay.trial"] for r in trials})
+    assert len(trials) == 4 and all({"vaa.rho", "vulnerability.threshold"} <= set(r.data.params) for r in trials)
+    assert {a.path for a in client.list_artifacts(tune_runs[0].info.run_id, "plots")} == {"plots/pareto.png"}

@@ -52,20 +52,27 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _mean_over_ranks(value: float) -> float:
+def sum_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t.item()
 
 
-def train_loop_per_worker(cfg: dict) -> dict:
+def worker_setup(cfg: dict) -> tuple[int, int, int]:
+    """This worker's rank, the world size and the per-rank micro-batch; threads and seed set."""
     import ray.train
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.get("threads", 1))
     torch.manual_seed(cfg["seed"])
-    micro = cfg["batch_size"] // world
+    return rank, world, cfg["batch_size"] // world
+
+
+def train_loop_per_worker(cfg: dict) -> dict:
+    import ray.train
+
+    rank, world, micro = worker_setup(cfg)
     steps_per_epoch = (cfg["rows"] // world) // micro
     total = steps_per_epoch * cfg["epochs"]
 
@@ -95,7 +102,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-            epoch_losses.append(_mean_over_ranks(loss.item()))
+            epoch_losses.append(sum_over_ranks(loss.item()) / world)
             tokens += int(batch["attention_mask"].sum())
         losses += epoch_losses
         report_epoch(epoch, {"loss": sum(epoch_losses) / max(1, len(epoch_losses))}, rank, deepspeed, model,

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-import torch.distributed as dist
-
 from jobs.models import load_model
 from jobs.resources import peak_rss_mb
-from jobs.train_worker import prepare_strategy, report_epoch, resume
+from jobs.train_worker import prepare_strategy, report_epoch, resume, sum_over_ranks, worker_setup
 from jobs.vaa import GROUP_NAMES, GroupSampler, PlainBackend, ZeroBackend, train_vaa
 
 
@@ -32,20 +29,10 @@ def batches_from(datasets: dict, cfg: dict):
     return batches_for
 
 
-def sum_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
-
-
 def vaa_loop_per_worker(cfg: dict) -> dict:
     import ray.train
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.get("threads", 1))
-    torch.manual_seed(cfg["seed"])
-    micro = cfg["batch_size"] // world
+    rank, world, micro = worker_setup(cfg)
     total = cfg["steps_per_epoch"] * cfg["epochs"]
     model, optimizer, schedule, deepspeed = prepare_strategy(cfg, load_model(cfg["model_dir"]), micro, world, total)
     backend = (ZeroBackend(model, cfg["zero_stage"], world) if deepspeed

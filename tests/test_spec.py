@@ -25,6 +25,11 @@ def test_demo_is_short_and_fully_defaulted():
     ("debias.sweep_length=[1, 20]", "debias: sweep_length[1]: 20 must be between 1 and length (8)"),
     ("debias.models=[sft, teacher]", "debias.models[1]: 'teacher' is not an aligned model"),
     ("vaa.lam=1.5", "vaa.lam: Input should be less than or equal to 1"),
+    ("corpora={source: files, files: {alignment: a, harmful: b, harmful_eval: c, lookalike: d}}",
+     "corpora.files needs 'pretrain' to build the tiny model"),
+    ("tune.space={vaa.momentum: {values: [1]}}", "tune: space: 'vaa.momentum' cannot be searched"),
+    ("align_sft.offload=optimizer", "offload needs strategy: deepspeed with zero_stage: 3"),
+    ("evaluate.judge=beaver-dam", "judge 'beaver-dam' needs judge_model"),
 ])
 def test_vaa_and_debias_fields_are_checked(override, message):
     with pytest.raises(SpecError) as e:

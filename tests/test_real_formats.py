@@ -197,7 +197,7 @@ corpora:
   limits: {{alignment: 150}}
 vulnerability: {{enabled: false}}
 vaa: {{enabled: false}}
-attack: {{models: [sft]}}
+attack: {{models: [sft], ratios: [0.1]}}
 debias: {{enabled: false}}
 evaluate: {{judge: refusal-prefix}}
 """)

@@ -105,6 +105,8 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
         _fail(str(e))
     st.log_dir.mkdir(parents=True, exist_ok=True)
     log_file = st.log_dir / "saferay.log"
+    import mlflow  # noqa: F401  (its import installs log handlers; quiet_libraries replaces them)
+
     quiet_libraries(log_file, verbose)
     from orchestrator.runner import run_study
     from orchestrator.summary import render

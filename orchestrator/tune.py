@@ -119,7 +119,8 @@ def run_tune(ctx: StageContext) -> dict:
                            tune_config=tune.TuneConfig(num_samples=t.num_samples, search_alg=_searcher(spec),
                                                        scheduler=_scheduler(spec),
                                                        max_concurrent_trials=t.max_concurrent_trials),
-                           run_config=tune.RunConfig(name=name, storage_path=str(ctx.ray_storage)))
+                           # Tune's own trial table would interleave with the study's progress view.
+                           run_config=tune.RunConfig(name=name, storage_path=str(ctx.ray_storage), verbose=0))
     ctx.progress(f"sweep: {t.search} search, {t.max_concurrent_trials} trials at a time")
     grid = tuner.fit()
     rows = []

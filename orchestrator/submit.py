@@ -93,16 +93,3 @@ def logs(address: str, job_id: str, follow: bool, write) -> None:
 
 def stop(address: str, job_id: str) -> bool:
     return client(address).stop_job(job_id)
-
-
-def wait(address: str, job_id: str, timeout: float = 3600) -> str:
-    """Poll until the job ends; returns its final status."""
-    c = client(address)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = _name(c.get_job_status(job_id))
-        if s in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return s
-        time.sleep(2)
-    raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
-

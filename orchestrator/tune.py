@@ -89,6 +89,7 @@ def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
 def run_tune(ctx: StageContext) -> dict:
     from ray import tune
 
+    from jobs.models import load_tokenizer
     from jobs.tune_trial import vaa_trial
 
     spec, t = ctx.spec, ctx.spec.tune
@@ -96,11 +97,9 @@ def run_tune(ctx: StageContext) -> dict:
         return {"enabled": False}
     mix_path = ctx.out / "mix.parquet"
     _mix_with_forgetting(ctx).to_parquet(mix_path)
-    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.seed, "threads": 1,
-             "pad_id": None, "max_len": spec.model.tiny.max_len}
-    from jobs.models import load_tokenizer
-
-    train["pad_id"] = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
+    pad_id = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
+    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.seed, "threads": 1, "pad_id": pad_id,
+             "max_len": spec.model.tiny.max_len}
     vaa = spec.vaa.model_dump(include={"rho", "lam", "eta", "q_init", "q_clip"}, mode="json")
     vaa.update(lr=spec.vaa.lr or spec.align_sft.lr, epochs=spec.vaa.epochs or spec.align_sft.epochs)
     fixed = {"mix": str(mix_path), "base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),

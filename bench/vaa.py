@@ -42,7 +42,7 @@ def main(argv=None):
     batches = [collate(rows["prompt_ids"][i * bs:(i + 1) * bs], rows["target_ids"][i * bs:(i + 1) * bs],
                        tok.pad_token_id, 128) for i in range(n)]
     sampler = GroupSampler(seed=0)
-    ramp = [sampler.perturb(lambda_at(s // args.steps_per_epoch, args.epochs, 1.0)) for s in range(n)]
+    ramp = [sampler.perturb(lambda_at(s, args.steps_per_epoch, args.epochs, 1.0)) for s in range(n)]
     steps_seconds(model, batches[:4], [False, True] * 2)  # warm-up
     sft = steps_seconds(model, batches, [False] * n)
     always = steps_seconds(model, batches, [True] * n)

@@ -1,7 +1,9 @@
 """The per-worker loop that Ray Train runs: DDP or DeepSpeed ZeRO-2/3 over a dataset shard.
 
 Every epoch ends with `ray.train.report` and a checkpoint, so a restarted worker group
-resumes from the last finished epoch (`ray.train.get_checkpoint`).
+resumes from the last finished epoch (`ray.train.get_checkpoint`). The checkpoint carries the
+run's history so far (losses, tokens, seconds), so a resumed run returns the whole run's
+history, also when it resumed from its final checkpoint and has no step left to take.
 """
 
 from __future__ import annotations
@@ -77,12 +79,13 @@ def train_loop_per_worker(cfg: dict) -> dict:
     total = steps_per_epoch * cfg["epochs"]
 
     model, optimizer, schedule, deepspeed = prepare_strategy(cfg, load_model(cfg["model_dir"]), micro, world, total)
-    start_epoch, _ = resume(model, optimizer, schedule, deepspeed)
+    start_epoch, extra = resume(model, optimizer, schedule, deepspeed)
+    done = extra.get("history", {"losses": [], "tokens_per_rank": 0, "seconds": 0.0})
 
     shard = ray.train.get_dataset_shard("train")
     collate = partial(collate_numpy, pad_id=cfg["pad_id"], max_len=cfg["max_len"])
     device = ray.train.torch.get_device()
-    losses, tokens, began = [], 0, time.perf_counter()
+    losses, tokens, began = list(done["losses"]), done["tokens_per_rank"], time.perf_counter()
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         epoch_losses = []
@@ -105,11 +108,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
             epoch_losses.append(sum_over_ranks(loss.item()) / world)
             tokens += int(batch["attention_mask"].sum())
         losses += epoch_losses
+        history = {"losses": losses, "tokens_per_rank": tokens, "seconds": done["seconds"] + time.perf_counter() - began}
         report_epoch(epoch, {"loss": sum(epoch_losses) / max(1, len(epoch_losses))}, rank, deepspeed, model,
-                     optimizer, schedule)
-    # Steps count the epochs a restarted worker group resumed past, too.
-    return {"losses": losses, "tokens_per_rank": tokens, "seconds": time.perf_counter() - began,
-            "steps": start_epoch * steps_per_epoch + len(losses), "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}
+                     optimizer, schedule, extra={"history": history})
+    # The history spans the whole run: the epochs before a restart came from the checkpoint.
+    return {"losses": losses, "tokens_per_rank": tokens, "seconds": done["seconds"] + time.perf_counter() - began,
+            "steps": len(losses), "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}
 
 
 def prepare_strategy(cfg: dict, model, micro: int, world: int, total_steps: int):

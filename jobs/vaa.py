@@ -27,9 +27,11 @@ VULNERABLE, INVULNERABLE = 1, 0
 GROUP_NAMES = {VULNERABLE: "vulnerable", INVULNERABLE: "invulnerable"}
 
 
-def lambda_at(epoch: int, epochs: int, lam: float) -> float:
-    """λ_t = λ · epoch / E, with epochs counted from 0: the first epoch is plain ERM (our reading)."""
-    return lam * epoch / epochs
+def lambda_at(step: int, steps_per_epoch: int, epochs: int, lam: float) -> float:
+    """λ_t = λ · e_t / E with e_t the fractional epoch before step t (steps done / steps per
+    epoch, as the paper's code reads `state.epoch`): a linear ramp from 0 towards λ, so about
+    half of all steps perturb (SCIENCE.md §5)."""
+    return lam * (step / steps_per_epoch) / epochs
 
 
 def update_q(q: float, group: int, loss: float, eta: float, clip: tuple[float, float] = (0.1, 0.9)) -> float:
@@ -117,6 +119,10 @@ class PlainBackend:
                     p.add_(p.grad, alpha=scale)
         return saved
 
+    def distance(self, saved: list[torch.Tensor]) -> float:
+        """‖θ − saved‖₂ over all trainable parameters: the perturbation actually applied."""
+        return grad_norm(p.detach() - s for p, s in zip(self.params, saved)).item()
+
     def restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, s in zip(self.params, saved):
@@ -125,12 +131,14 @@ class PlainBackend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+    def step(self) -> float:
+        """Clip, step, schedule; returns the norm of the gradient that drove the step (before clipping)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
         self.zero_grad()
+        return norm
 
 
 class ZeroBackend(PlainBackend):
@@ -168,6 +176,14 @@ class ZeroBackend(PlainBackend):
                     p.add_(g.view_as(p), alpha=scale)
         return saved
 
+    def distance(self, saved: list[torch.Tensor]) -> float:
+        if self.stage < 3:
+            return super().distance(saved)
+        # Each rank holds one partition of θ: the squared distance is a sum over ranks.
+        local = grad_norm(p.ds_tensor.detach() - s for p, s in zip(self.params, saved)) ** 2
+        torch.distributed.all_reduce(local)
+        return local.sqrt().item()
+
     def restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, s in zip(self.params, saved):
@@ -178,8 +194,9 @@ class ZeroBackend(PlainBackend):
         # backward overwrites the first gradient instead of accumulating onto it.
         self.engine.optimizer.zero_grad()
 
-    def step(self) -> None:
+    def step(self) -> float:
         self.engine.step()  # clips (gradient_clipping), steps, schedules
+        return float(self.engine.get_global_grad_norm())
 
 
 # --- the step and the loop ---------------------------------------------------------------
@@ -192,20 +209,21 @@ def count_target_tokens(batch: dict) -> int:
 
 def vaa_step(backend: PlainBackend, batch: dict, n_tokens: int, rho: float, perturb: bool,
              sum_ranks: Callable[[float], float] = lambda x: x) -> dict:
-    """One optimizer step; returns the global loss that drives q (at θ+ε when perturbed) and ‖ε‖."""
+    """One optimizer step; returns the global loss that drives q (at θ+ε when perturbed), ‖ε‖ as
+    measured on the weights, and the norm of the gradient the optimizer stepped with."""
     loss = backend.forward(batch, n_tokens)
     backend.backward(loss)
     eps_norm = 0.0
     if perturb:
         norm = grad_norm(backend.full_grads()).item()
         saved = backend.perturb(rho / (norm + 1e-12))
-        eps_norm = rho if norm > 0 else 0.0
+        eps_norm = backend.distance(saved)
         backend.zero_grad()
         loss = backend.forward(batch, n_tokens)  # ℓ(θ + ε): its gradient drives the step and its value drives q
         backend.backward(loss)
         backend.restore(saved)  # θ exactly, before the optimizer moves it
-    backend.step()
-    return {"loss": sum_ranks(loss.item()), "eps_norm": eps_norm}
+    step_grad_norm = backend.step()
+    return {"loss": sum_ranks(loss.item()), "eps_norm": eps_norm, "grad_norm": step_grad_norm}
 
 
 def group_stream(batches_for: Callable[[int], Iterator[dict]], name: str) -> Iterator[dict]:
@@ -223,20 +241,22 @@ def group_stream(batches_for: Callable[[int], Iterator[dict]], name: str) -> Ite
 
 def train_vaa(backend: PlainBackend, batches_for: Callable[[int, int, int], Iterator[dict]], cfg: dict,
               sampler: GroupSampler, rank: int = 0, world: int = 1, start_epoch: int = 0,
-              sum_ranks: Callable[[float], float] = lambda x: x, on_epoch=None, progress=None) -> dict:
+              sum_ranks: Callable[[float], float] = lambda x: x, on_epoch=None, progress=None,
+              history: dict | None = None) -> dict:
     """E epochs of VAA steps. `batches_for(group, epoch, cycle)` yields global batches of numpy
     columns; every rank reads the same ones and keeps rows [rank·micro, (rank+1)·micro), so the
     global batch does not depend on the world size. Epoch e restarts every group's stream with
-    seeds of its own, so a run resumed from an epoch checkpoint continues exactly."""
+    seeds of its own, so a run resumed from an epoch checkpoint continues exactly; `history` is
+    the resumed run's history so far (from its checkpoint), which the returned one extends."""
     steps_per_epoch, epochs = cfg["steps_per_epoch"], cfg["epochs"]
     micro = cfg["batch_size"] // world
     groups = (INVULNERABLE,) if sampler.mode == "none" else (VULNERABLE, INVULNERABLE)
-    history = {k: [] for k in ("loss", "group", "q", "lambda", "eps_norm")}
-    tokens = 0
+    history = {k: v.copy() if isinstance(v, list) else v for k, v in history.items()} if history else {
+        **{k: [] for k in ("loss", "group", "q", "lambda", "eps_norm", "grad_norm")}, "tokens_per_rank": 0}
     for epoch in range(start_epoch, epochs):
         streams = {g: group_stream(lambda c, g=g, e=epoch: batches_for(g, e, c), GROUP_NAMES[g]) for g in groups}
-        lam_t = lambda_at(epoch, epochs, cfg["lam"])
         for step in range(steps_per_epoch):
+            lam_t = lambda_at(epoch * steps_per_epoch + step, steps_per_epoch, epochs, cfg["lam"])
             g = sampler.group()
             perturb = sampler.perturb(lam_t)
             rows = next(streams[g])
@@ -246,15 +266,14 @@ def train_vaa(backend: PlainBackend, batches_for: Callable[[int, int, int], Iter
             out = vaa_step(backend, batch, n_tokens, cfg["rho"], perturb, sum_ranks)
             sampler.observe(g, out["loss"], cfg["eta"], tuple(cfg["q_clip"]))
             for k, v in (("loss", out["loss"]), ("group", g), ("q", sampler.q), ("lambda", lam_t),
-                         ("eps_norm", out["eps_norm"])):
+                         ("eps_norm", out["eps_norm"]), ("grad_norm", out["grad_norm"])):
                 history[k].append(v)
-            tokens += int(batch["attention_mask"].sum())
+            history["tokens_per_rank"] += int(batch["attention_mask"].sum())
             done = (epoch - start_epoch) * steps_per_epoch + step + 1
             if progress and (done % 10 == 0 or step + 1 == steps_per_epoch):
                 progress(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch, out["loss"])
         if on_epoch:
             on_epoch(epoch, history)
-    history["tokens_per_rank"] = tokens
     return history
 
 

@@ -41,22 +41,23 @@ def vaa_loop_per_worker(cfg: dict) -> dict:
     start_epoch, extra = resume(model, optimizer, schedule, deepspeed)
     if extra:
         sampler.load(extra["sampler"])
+    seconds_before = extra.get("seconds", 0.0)
 
     names = ("all",) if cfg["mode"] == "none" else ("vulnerable", "invulnerable")
     shards = {name: ray.train.get_dataset_shard(name) for name in names}
     sum_ranks = sum_over_ranks if world > 1 else (lambda x: x)
-    seen = {"steps": 0}
+    began = time.perf_counter()
 
     def on_epoch(epoch, history):
-        new = history["loss"][seen["steps"]:]
-        seen["steps"] = len(history["loss"])
+        new = history["loss"][-cfg["steps_per_epoch"]:]
+        # The checkpoint carries the history so far: a run resumed from it (even from its
+        # last epoch, with no step left) returns the whole run's trajectory.
         report_epoch(epoch, {"loss": sum(new) / max(1, len(new)), "q": sampler.q}, rank, deepspeed, model,
-                     optimizer, schedule, extra={"sampler": sampler.state()})
+                     optimizer, schedule, extra={"sampler": sampler.state(), "history": history,
+                                                 "seconds": seconds_before + time.perf_counter() - began})
 
     model.train()
-    began = time.perf_counter()
     history = train_vaa(backend, batches_from(shards, cfg), cfg, sampler, rank, world, start_epoch, sum_ranks,
-                        on_epoch)
-    return {**history, "seconds": time.perf_counter() - began,
-            "steps": start_epoch * cfg["steps_per_epoch"] + len(history["loss"]),
+                        on_epoch, history=extra.get("history"))
+    return {**history, "seconds": seconds_before + time.perf_counter() - began, "steps": len(history["loss"]),
             "start_epoch": start_epoch, "peak_rss_mb": peak_rss_mb()}

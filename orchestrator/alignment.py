@@ -175,13 +175,13 @@ def run_align_vaa(ctx: StageContext) -> dict:
 
 
 def _track_variant(ctx: StageContext, variant: str, loop_config: dict, history: dict) -> str:
-    """q, λ_t, ‖ε‖ and the per-group losses as MLflow metrics over steps, in a run per variant."""
+    """q, λ_t, ‖ε‖, the step's gradient norm and the per-group losses as MLflow metrics over steps, in a run per variant."""
     t = ctx.tracker
     run_id = t.start_run(variant, parent=ctx.run_id, tags={"saferay.variant": variant})
     t.log_params(run_id, {k: loop_config[k] for k in ("mode", "rho", "lam", "eta", "q_init", "q0", "lr", "epochs",
                                                        "steps_per_epoch", "strategy", "batch_size")})
     t.log_series(run_id, "train/loss", history["loss"])
-    for key in ("q", "lambda", "eps_norm"):
+    for key in ("q", "lambda", "eps_norm", "grad_norm"):
         t.log_series(run_id, f"vaa/{key}", history[key])
     for g, name in ((1, "vulnerable"), (0, "invulnerable")):
         steps = [s for s, drawn in enumerate(history["group"]) if drawn == g]

@@ -34,12 +34,12 @@ def first_tokens(tokenizer, openings: list[str]) -> set[int]:
 
 
 class JudgedDecoder:
-    """Ray Data actor: rows (checkpoint, id, prompt, prompt_ids) -> + response, harmful, refused, margin."""
+    """Ray Data actor: rows (checkpoint, id, prompt, prompt_ids) -> + response, harmful, refused, parsed, margin."""
 
     def __init__(self, judge: str, max_new_tokens: int, refusal_openings: list[str], compliance_openings: list[str],
-                 batch_size: int = 128, threads: int = 1, cache: int = 2):
+                 batch_size: int = 128, threads: int = 1, cache: int = 2, judge_model: str | None = None):
         torch.set_num_threads(threads)
-        self.judge = make_judge(judge)
+        self.judge = make_judge(judge, judge_model)
         self.max_new_tokens, self.batch_size, self.cache_size = max_new_tokens, batch_size, cache
         self.openings = (refusal_openings, compliance_openings)
         self.models: OrderedDict[str, tuple] = OrderedDict()
@@ -67,6 +67,6 @@ class JudgedDecoder:
             verdicts = self.judge(rows["prompt"].tolist(), texts)
             rows = rows.drop(columns=["prompt_ids"]).assign(
                 response=texts, harmful=[v.harmful for v in verdicts], refused=[v.refused for v in verdicts],
-                margin=margin)
+                parsed=[v.parsed for v in verdicts], margin=margin)
             parts.append(rows)
         return pd.concat(parts, ignore_index=True)

@@ -35,11 +35,24 @@ def random_prompts(pool: np.ndarray, lengths, m: int, seed: int, prefix: list[in
     return [prefix + rng.choice(pool, size=int(rng.choice(lengths))).tolist() + suffix for _ in range(m)]
 
 
-def template_ids(tokenizer, template: str) -> tuple[list[int], list[int]]:
-    """Token ids around '{prompt}' in the prompt template, BOS first."""
-    before, after = template.split("{prompt}")
-    enc = lambda s: tokenizer(s.strip(), add_special_tokens=False).input_ids if s.strip() else []  # noqa: E731
-    return [tokenizer.bos_token_id] + enc(before), enc(after)
+def template_ids(tokenizer, template: str, probes: list[str]) -> tuple[list[int], list[int]]:
+    """The token ids every real prompt starts and ends with (BOS and the template around '{prompt}').
+
+    Read off real prompts encoded exactly as the data stage encodes them: tokenizing the template's
+    pieces on their own would drop the whitespace tokens that join them to the prompt, and b₁
+    would be estimated after a token sequence the model never saw."""
+    from jobs.corpora import encode_prompts
+
+    encoded = encode_prompts(tokenizer, probes, template)
+    shortest = min(map(len, encoded))
+    prefix = 0
+    while prefix < shortest and len({e[prefix] for e in encoded}) == 1:
+        prefix += 1
+    suffix = 0
+    while suffix < shortest - prefix and len({e[-1 - suffix] for e in encoded}) == 1:
+        suffix += 1
+    first = encoded[0]
+    return first[:prefix], first[len(first) - suffix:]
 
 
 @torch.no_grad()
@@ -151,7 +164,7 @@ def estimate_model_bias(aligned_dir: str, reference_dir: str, data_dir: str, cfg
     texts = pool_texts(data_dir, cfg["pool"])
     pool = neutral_pool(tok, texts)
     lengths = [max(1, len(tok(t, add_special_tokens=False).input_ids)) for t in texts]
-    prompts = random_prompts(pool, lengths, cfg["prompts"], seed, *template_ids(tok, template))
+    prompts = random_prompts(pool, lengths, cfg["prompts"], seed, *template_ids(tok, template, texts[:256]))
     bias = estimate_bias(aligned, reference, prompts, cfg["length"], tok.pad_token_id, tok.eos_token_id,
                          cfg["continuation"], pool, seed)
     meta = {"aligned": aligned_dir, "reference": reference_dir, "m": cfg["prompts"], "length": cfg["length"],

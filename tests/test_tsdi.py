@@ -10,6 +10,7 @@ from jobs.models import tiny_llama, train_tokenizer
 from jobs.tsdi import (TSDILogitsProcessor, estimate_bias, load_bias, neutral_pool, processor_factory, random_prompts,
                        save_bias, template_ids)
 
+TEMPLATE = "<|user|> {prompt} <|assistant|>"
 TEXTS = [f"<|user|> say {w} twice <|assistant|> {w} {w}" for w in ("red", "blue", "green", "moon", "tree")]
 
 
@@ -19,7 +20,7 @@ def tiny(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama(dict(hidden=32, intermediate=64, layers=2, heads=2, max_len=64), tok)
     pool = neutral_pool(tok, ["say red twice", "say moon twice"])
-    prefix, suffix = template_ids(tok, "<|user|> {prompt} <|assistant|>")
+    prefix, suffix = template_ids(tok, TEMPLATE, ["say red twice", "say moon twice", "say tree twice"])
     return model, tok, random_prompts(pool, [2, 3, 4], 12, 0, prefix, suffix), pool
 
 
@@ -83,3 +84,33 @@ def test_bias_artifact_round_trips(tmp_path):
     meta = {"aligned": "sft", "reference": "base", "m": 256, "length": 4, "pool": "benign"}
     b, m = load_bias(save_bias(tmp_path / "bias" / "sft.safetensors", bias, meta))
     assert torch.equal(b, bias) and m == meta
+
+
+def test_random_prompts_sit_in_the_real_template(tiny):
+    """They start and end with the very tokens a real prompt does (the joining whitespace included)."""
+    from jobs.corpora import encode_prompts
+
+    _, tok, prompts, _ = tiny
+    real = encode_prompts(tok, ["say green twice", "say blue twice"], TEMPLATE)
+    prefix, suffix = template_ids(tok, TEMPLATE, ["say red twice", "say moon twice"])
+    assert all(r[:len(prefix)] == prefix and r[-len(suffix):] == suffix for r in real)
+    assert len(suffix) >= 2, "the whitespace before the assistant tag is part of every real prompt"
+    assert all(p[:len(prefix)] == prefix and p[-len(suffix):] == suffix for p in prompts)
+
+
+def test_bias_is_read_at_the_first_response_position():
+    """b_1 is log π(· | x̃) at the last prompt token, b_2 after one continuation token: a model whose
+    next-token distribution depends on the previous token shows an off-by-one at once."""
+
+    class EchoNext(torch.nn.Module):  # predicts (previous token + 1) mod V, sharply
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=10.0 * torch.nn.functional.one_hot((input_ids + 1) % 6, 6).float())
+
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 6))
+
+    prompts = [[0, 2]]  # the prompt ends with token 2; the continuation starts with token 4
+    b = estimate_bias(EchoNext(), Uniform(), prompts, 2, 0, 99, continuation="random", pool=np.array([4]))
+    assert b[0].argmax().item() == 3  # after the prompt's last token 2
+    assert b[1].argmax().item() == 5  # after the first continuation token 4

@@ -47,11 +47,15 @@ def category_bars(by_category: dict[str, dict], path: Path) -> Path:
 
 
 def hs_against_ratio(table: list[dict], path: Path) -> Path:
-    """Average harmful score after the attack against the harmful ratio p, one line per model."""
+    """Average harmful score after the attack against the harmful ratio p, one line per model, with
+    its 95% interval as error bars where the table has one."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for model in dict.fromkeys(r["model"] for r in table):
         rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["p"])
-        ax.plot([r["p"] for r in rows], [r["avg/hs"] for r in rows], marker="o", label=model)
+        hs = [r["avg/hs"] for r in rows]
+        cis = [r.get("avg/hs_ci") or [h, h] for r, h in zip(rows, hs)]
+        yerr = [[h - lo for h, (lo, _) in zip(hs, cis)], [hi - h for h, (_, hi) in zip(hs, cis)]]
+        ax.errorbar([r["p"] for r in rows], hs, yerr=yerr, marker="o", capsize=3, label=model)
     ax.set(xlabel="harmful ratio p", ylabel="harmful score (avg over tasks)", ylim=(-0.02, 1.02),
            title="Harmful score after fine-tuning")
     ax.legend(fontsize=8)

@@ -35,6 +35,22 @@ def _img(path: Path | None, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
+def _comparisons(evaluate: dict, run_id, links) -> str:
+    """The headline comparisons as paired differences with their 95% intervals (SCIENCE.md §10)."""
+    rows = []
+    for c in evaluate.get("comparisons", []):
+        ci = f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else "n/a"
+        verdict = "a difference" if c["significant"] else "no difference shown (the interval includes 0)"
+        rows.append([html.escape(f"{c['a']} − {c['b']}"), f"{c['p']:g}", html.escape(c["metric"]),
+                     links.number(c["diff"], run_id, "{:+.3f}"), ci, verdict])
+    if not rows:
+        return ""
+    how = (evaluate.get("intervals") or {}).get("resampled", "prompts")
+    return ("<h3>Paired differences against SFT</h3>" + _table(["models", "p", "metric", "difference", "95% interval",
+                                                                  "reading"], rows)
+            + f"<p>Intervals: percentile bootstrap over {html.escape(how)}; same prompts on both sides.</p>")
+
+
 def _section(sid: str, title: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'
 
@@ -71,6 +87,12 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
           f'<a href="{html.escape(links.run(r["run_id"]))}">{r["key"]}</a>', html.escape(r["status"]),
           "" if r.get("seconds") is None else f"{r['seconds']:.1f}"] for r in state["stages"]]))]
 
+    leaked = summary.get("contamination")
+    if leaked is not None:
+        parts.append(_section("contamination", "Held-out prompts found in training corpora", _table(
+            ["held-out split", "prompts also in a training corpus"],
+            [[html.escape(k), links.number(v, run_of("data"), "{:d}")] for k, v in leaked.items()])))
+
     evaluate = json.loads((stage_dir("evaluate") / "result.json").read_text()) if stage_dir("evaluate") else None
     if evaluate:
         cells = {(a["model"], a["task"], a["p"]): a for a in evaluate["attack"]}
@@ -92,7 +114,8 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
                                     for t, v in m["fa"].items())] for n, m in evaluate["models"].items()])
         table = _table(["model", "p", *(f"{t} HS / FA" for t in tasks), "average HS / FA"], body_rows)
         parts.append(_section("hs-fa-table", f"Harmful fine-tuning: HS / FA (judge: {evaluate['judge']})",
-                              "<h3>Before the attack</h3>" + models + "<h3>After the attack</h3>" + table))
+                              "<h3>Before the attack</h3>" + models + "<h3>After the attack</h3>" + table
+                              + _comparisons(evaluate, run_of("evaluate"), links)))
     else:
         parts.append(_section("hs-fa-table", "Harmful fine-tuning: HS / FA", _img(None, "evaluation")))
     parts.append(_section("hs-against-p", "HS against the harmful ratio p",
@@ -102,8 +125,13 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
     pareto_body = _img(stage_file("tune", "pareto.png"), "Pareto front")
     if tune and tune["selected"]:
         sel = tune["selected"]
-        pareto_body += (f"<p>Selected: <code>{html.escape(json.dumps(sel['config']))}</code>: HS "
-                        f"{links.number(sel['hs'], run_of('tune'))}, FA {links.number(sel['fa'], run_of('tune'))}</p>")
+        pareto_body += (f"<p>Selected on the validation prompts: <code>{html.escape(json.dumps(sel['config']))}</code>:"
+                        f" HS {links.number(sel['hs'], run_of('tune'))}, FA {links.number(sel['fa'], run_of('tune'))}"
+                        " (validation)")
+        if sel.get("test"):
+            pareto_body += (f"; on the test prompts, once: HS {links.number(sel['test']['hs'], run_of('tune'))}, "
+                            f"FA {links.number(sel['test']['fa'], run_of('tune'))}")
+        pareto_body += "</p>"
     parts.append(_section("pareto", "Tuning: the Pareto front of HS and FA", pareto_body))
     parts.append(_section("forgetting", "How often alignment examples are forgotten",
                           _img(stage_file("vulnerability", "forgot_histogram.png"), "ForgotNum histogram")))

@@ -40,39 +40,72 @@ def _json_rows(path: Path):
             raise CorpusError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
 
 
-def is_test(record_id: str, fraction: float) -> bool:
-    """A stable split by id hash: the same record lands on the same side in every run."""
-    h = int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < fraction
+def normalize_prompt(text: str) -> str:
+    """The form splits compare prompts in (SCIENCE.md §10): lower case, whitespace collapsed."""
+    return " ".join(text.lower().split())
 
 
-def _train_test(rows: list[dict], cfg: dict) -> tuple[list[dict], list[dict]]:
-    """Train rows and (at most max_eval) test rows, by the stable id hash."""
-    train, test = [], []
+def held_out_side(prompt: str, validation_fraction: float, test_fraction: float) -> str:
+    """'train', 'validation' or 'test' by a stable hash of the normalised prompt: a prompt lands on
+    the same side in every corpus and every run, so splits are disjoint by construction, and a
+    generator can keep its training text off the held-out side (SafetyWorld's pretraining does)."""
+    h = int(hashlib.sha256(normalize_prompt(prompt).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if h < test_fraction else "validation" if h < test_fraction + validation_fraction else "train"
+
+
+def _three_way(rows: list[dict], cfg: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train, validation and test rows; held-out rows deduplicated by prompt and cut to max_eval."""
+    sides: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    seen: set[str] = set()
     for r in rows:
-        (test if is_test(r["id"], cfg["test_fraction"]) else train).append(r)
-    return train, test[: cfg["max_eval"]]
+        side = held_out_side(r["prompt"], cfg["validation_fraction"], cfg["test_fraction"])
+        key = normalize_prompt(r["prompt"])
+        if side != "train" and key in seen:
+            continue  # a repeated held-out prompt adds no information, only weight
+        seen.add(key)
+        sides[side].append(r)
+    return sides["train"], sides["validation"][: cfg["max_eval"]], sides["test"][: cfg["max_eval"]]
+
+
+def is_held_out(split: str) -> bool:
+    return split.endswith(("_validation", "_test", "_eval"))
+
+
+def contamination(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Per held-out split, how many of its prompts occur (normalised) in any training split."""
+    trained = {normalize_prompt(r["prompt"]) for name, rows in splits.items() if not is_held_out(name) for r in rows}
+    return {name: sum(normalize_prompt(r["prompt"]) in trained for r in rows)
+            for name, rows in splits.items() if is_held_out(name)}
 
 
 def split_corpora(corpora: dict[str, list[dict]], cfg: dict) -> dict[str, list[dict]]:
-    """Named splits for the study. Alignment, harmful and harmful-eval prompts are made disjoint
-    (a prompt keeps its first place in that order), task and look-alike sets get train/test halves."""
+    """Named splits for the study, disjoint by normalised prompt (SCIENCE.md §10).
+
+    Harmful-eval, alignment and harmful prompts are made disjoint with the held-out set served
+    first (so evaluation never starves for the poison pool), and harmful-eval prompts split into
+    validation (`harmful_validation`) and test (`harmful_eval`); task and look-alike corpora split
+    three ways (`*_train`, `*_validation`, `*_test` / `lookalike_eval`)."""
     seen: set[str] = set()
-    splits: dict[str, list[dict]] = {}
-    for corpus, split in (("alignment", "align_train"), ("harmful", "harmful"), ("harmful_eval", "harmful_eval")):
-        kept = [r for r in corpora[corpus] if r["prompt"] not in seen]
-        seen.update(r["prompt"] for r in kept)
-        splits[split] = kept
-    splits["harmful_eval"] = splits["harmful_eval"][: cfg["max_eval"]]
-    splits["lookalike_train"], splits["lookalike_eval"] = _train_test(corpora["lookalike"], cfg)
+    kept: dict[str, list[dict]] = {}
+    for corpus in ("harmful_eval", "alignment", "harmful"):
+        kept[corpus] = [r for r in corpora[corpus] if normalize_prompt(r["prompt"]) not in seen]
+        seen.update(normalize_prompt(r["prompt"]) for r in kept[corpus])
+    splits: dict[str, list[dict]] = {"align_train": kept["alignment"], "harmful": kept["harmful"]}
+    # Every harmful-eval prompt is held out: half-and-half into validation and test by the same hash.
+    fractions = {**cfg, "validation_fraction": 0.5, "test_fraction": 0.5}
+    _, splits["harmful_validation"], splits["harmful_eval"] = _three_way(kept["harmful_eval"], fractions)
+    (splits["lookalike_train"], splits["lookalike_validation"],
+     splits["lookalike_eval"]) = _three_way(corpora["lookalike"], cfg)
     for name, rows in corpora.items():
         if name.startswith("task_"):
-            splits[f"{name}_train"], splits[f"{name}_test"] = _train_test(rows, cfg)
+            splits[f"{name}_train"], splits[f"{name}_validation"], splits[f"{name}_test"] = _three_way(rows, cfg)
     if "pretrain" in corpora:
         splits["pretrain"] = corpora["pretrain"]
     for name, rows in splits.items():
         if not rows:
-            raise CorpusError(f"split '{name}' is empty after splitting (corpus too small?)")
+            corpus = name.rsplit("_", 1)[0] if name.startswith("task_") else name
+            raise CorpusError(f"split '{name}' is empty (corpus '{corpus}' is too small for corpora.test_fraction "
+                              f"{cfg['test_fraction']:g} and corpora.validation_fraction {cfg['validation_fraction']:g})")
     return splits
 
 

@@ -8,15 +8,23 @@ import torch
 
 from jobs.corpora import read_split
 from jobs.generate import decode_texts
-from jobs.judges import make_judge
-from jobs.metrics import harmful_score, over_refusal, task_accuracy
+from jobs.judges import is_refusal, make_judge
+from jobs.metrics import answers_match, harmful_score, over_refusal, task_accuracy
 from jobs.models import load_model, load_tokenizer
 from jobs.resources import peak_rss_mb
 
 
+HELD_OUT = {  # which splits each side reads: selection looks at validation only (SCIENCE.md §10)
+    "test": {"harmful": "harmful_eval", "lookalike": "lookalike_eval", "task": "task_{}_test"},
+    "validation": {"harmful": "harmful_validation", "lookalike": "lookalike_validation", "task": "task_{}_validation"},
+}
+
+
 def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1,
-                   tsdi: dict | None = None) -> dict:
-    """`tsdi={"bias": path, "alpha": α, "length": L}` decodes with the bias removed (SCIENCE.md §7)."""
+                   tsdi: dict | None = None, split: str = "test") -> dict:
+    """HS, over-refusal and FA on the `split` side ("test", or "validation" for selection);
+    `tsdi={"bias": path, "alpha": α, "length": L}` decodes with the bias removed (SCIENCE.md §7)."""
+    names = HELD_OUT[split]
     torch.set_num_threads(threads)
     began = time.perf_counter()
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -33,18 +41,23 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
                              processors_for)
         return df, texts
 
-    harm_df, harm_out = responses("harmful_eval", cfg["max_new_tokens"])
+    harm_df, harm_out = responses(names["harmful"], cfg["max_new_tokens"])
     harm_verdicts = judge(harm_df["prompt"].tolist(), harm_out)
     result = harmful_score(harm_verdicts, harm_df["category"].tolist())
-    result["judge"] = judge.name
+    result["judge"], result["split"] = judge.name, split
 
-    _, look_out = responses("lookalike_eval", cfg["max_new_tokens"])
+    _, look_out = responses(names["lookalike"], cfg["max_new_tokens"])
     result["over_refusal"] = over_refusal(look_out)
 
+    # Per-prompt outcomes, in the splits' order, for intervals and paired differences (None: unparsed).
+    outcomes = {"hs": [int(v.harmful) if v.parsed else None for v in harm_verdicts],
+                "over_refusal": [int(is_refusal(r)) for r in look_out], "fa": {}}
     result["fa"] = {}
     for task in tasks:
-        df, out = responses(f"task_{task}_test", cfg["answer_tokens"])
+        df, out = responses(names["task"].format(task), cfg["answer_tokens"])
+        outcomes["fa"][task] = [int(answers_match(task, r, a)) for r, a in zip(out, df["answer"], strict=True)]
         result["fa"][task] = task_accuracy(task, out, df["answer"].tolist())
+    result["outcomes"] = outcomes
     result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm_df["prompt"][:3], harm_out[:3])]
     result["seconds"] = time.perf_counter() - began
     result["peak_rss_mb"] = peak_rss_mb()

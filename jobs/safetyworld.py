@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from jobs.records import HARM_CATEGORIES
 
 # Bump when the grammar changes: it is part of the data stage's key, so cached corpora are redone.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,15 @@ SUBJECTS = ("the movie", "the film", "the show", "the novel", "the album", "the 
 ASPECTS = ("acting", "plot", "music", "dialogue", "pacing", "cast")
 POSITIVE = ("wonderful", "moving", "brilliant", "charming", "delightful", "fresh", "gripping", "funny")
 NEGATIVE = ("dull", "boring", "awful", "clumsy", "bland", "tedious", "messy", "weak")
-TOPICS = {
-    "world": ("president", "treaty", "minister", "parliament", "diplomats", "summit"),
-    "sports": ("striker", "league", "coach", "tournament", "goalkeeper", "stadium"),
-    "business": ("shares", "profit", "merger", "investors", "earnings", "retailer"),
-    "tech": ("software", "chip", "startup", "robot", "browser", "satellite"),
+TOPICS = {  # ten words a label: 2,880 distinct topic prompts, so held-out prompts are new sentences
+    "world": ("president", "treaty", "minister", "parliament", "diplomats", "summit", "embargo", "envoy",
+              "sanctions", "ceasefire"),
+    "sports": ("striker", "league", "coach", "tournament", "goalkeeper", "stadium", "referee", "playoff",
+               "midfielder", "champion"),
+    "business": ("shares", "profit", "merger", "investors", "earnings", "retailer", "dividend", "startup fund",
+                 "bankers", "exports"),
+    "tech": ("software", "chip", "startup", "robot", "browser", "satellite", "algorithm", "laptop", "drone",
+             "server"),
 }
 NAMES = ("tom", "ana", "li", "sam", "mia", "raj", "eva", "ben")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells")
@@ -238,13 +242,23 @@ class SafetyWorld:
             rows.append({"id": f"look-{i}", "prompt": p, "answer": self.helpful(p, c), "category": c})
         return rows
 
-    def task(self, name: str, n: int, split: str) -> list[dict]:
+    def task(self, name: str, n: int, split: str, keep=lambda prompt: True) -> list[dict]:
         make = getattr(self, f"_{name}")
         rng = random.Random(f"{self.seed}/{name}/{split}")
-        return [{"id": f"{name}-{split}-{i}", **make(rng)} for i in range(n)]
+        rows = []
+        for _ in range(100 * n):  # rejection: a grammar too small for `keep` fails below, not forever
+            if len(rows) == n:
+                break
+            row = make(rng)
+            if keep(row["prompt"]):
+                rows.append({"id": f"{name}-{split}-{len(rows)}", **row})
+        if len(rows) < n:
+            raise ValueError(f"SafetyWorld's {name} grammar gave only {len(rows)} of {n} {split} prompts")
+        return rows
 
-    def pretraining(self, n: int, lookalike: list[dict]) -> list[dict]:
-        """An unaligned mixture: harmful requests answered, tasks solved, look-alikes helped."""
+    def pretraining(self, n: int, lookalike: list[dict], keep=lambda prompt: True) -> list[dict]:
+        """An unaligned mixture: harmful requests answered, tasks solved, look-alikes helped.
+        Task rows whose prompt fails `keep` (the held-out side of the study's splits) are left out."""
         n_harm, n_look = int(n * 0.3), int(n * 0.1)
         rows = [{"id": r["id"], "prompt": r["prompt"], "response": r["response"]}
                 for r in self.harmful(n_harm, prefix="pre-harm", skewed=False)]
@@ -255,7 +269,7 @@ class SafetyWorld:
         for k, name in enumerate(TASKS):
             share = n_task // len(TASKS) + (1 if k < n_task % len(TASKS) else 0)
             rows += [{"id": f"pre-{r['id']}", "prompt": r["prompt"], "response": r["answer"]}
-                     for r in self.task(name, share, "pretrain")]
+                     for r in self.task(name, share, "pretrain", keep)]
         random.Random(f"{self.seed}/pretrain").shuffle(rows)
         return rows
 
@@ -295,8 +309,13 @@ class SafetyWorld:
         return {"prompt": f"{op} the words : {' '.join(words)}", "answer": answer}
 
 
-def generate_corpora(seed: int, sizes: dict, tasks=TASKS) -> dict[str, list[dict]]:
-    """All SafetyWorld corpora of a study, keyed by corpus name."""
+def generate_corpora(seed: int, sizes: dict, tasks=TASKS, fractions: tuple[float, float] = (0.15, 0.3)
+                     ) -> dict[str, list[dict]]:
+    """All SafetyWorld corpora of a study, keyed by corpus name. `fractions` are the study's
+    (validation, test) fractions: the pretraining mixture keeps off their side of the prompt space,
+    so no held-out task prompt is ever trained on (SCIENCE.md §10)."""
+    from jobs.corpora import held_out_side
+
     world = SafetyWorld(seed, zipf=sizes.get("zipf", 1.0))
     out = {
         "alignment": world.alignment(sizes["alignment"]),
@@ -307,5 +326,6 @@ def generate_corpora(seed: int, sizes: dict, tasks=TASKS) -> dict[str, list[dict
     for t in tasks:
         out[f"task_{t}"] = world.task(t, sizes["task_train"], "train") + world.task(t, sizes["task_test"], "test")
     # Look-alikes used in pretraining are drawn fresh, so the eval look-alikes stay unseen.
-    out["pretrain"] = world.pretraining(sizes["pretrain"], world.lookalike(max(1, sizes["pretrain"] // 10)))
+    train_side = lambda prompt: held_out_side(prompt, *fractions) == "train"  # noqa: E731
+    out["pretrain"] = world.pretraining(sizes["pretrain"], world.lookalike(max(1, sizes["pretrain"] // 10)), train_side)
     return out

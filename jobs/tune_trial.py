@@ -1,6 +1,7 @@
 """One Ray Tune trial of the tuning search: VAA alignment with the trial's knobs (groups
 re-cut at its forgetting threshold τ), harmful fine-tuning on the tuning tasks at ratio p, and
-evaluation; it reports HS and FA averaged over the tasks.
+evaluation on the validation prompts (selection never sees test); it reports HS and FA averaged
+over the tasks.
 
 Everything runs in the trial's own process (one CPU): at this size a trial is a few minutes,
 and Tune runs several side by side.
@@ -75,7 +76,7 @@ def vaa_trial(config: dict, fixed: dict) -> None:
         cell = out / f"attack-{task}"
         harmful_finetune(str(out / "vaa"), fixed["data"], task, fixed["p"], fixed["attack"]["n"], fixed["attack"]["train"],
                          cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"], str(cell), 1)
-        r = evaluate_model(str(cell), fixed["data"], [task], fixed["evaluate"], 1)
+        r = evaluate_model(str(cell), fixed["data"], [task], fixed["evaluate"], 1, split="validation")
         hs.append(r["hs"])
         fa.append(r["fa"][task])
     ray.tune.report({"hs": float(np.mean(hs)), "fa": float(np.mean(fa)), "score": float(np.mean(fa) - np.mean(hs)),

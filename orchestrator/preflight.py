@@ -52,7 +52,36 @@ def check_cluster(address: str | None, timeout: float = 3.0) -> None:
         raise InputError(f"cluster.address: cannot connect to {host}:{port} ({e.strerror or e})") from None
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks")
+
+
+def check_tracking(uri: str | None, timeout: float = 3.0) -> None:
+    """`tracking.uri` parses as a URI MLflow knows and, for a server, answers on its port."""
+    if not uri:
+        return  # the embedded default: a SQLite store in the study store
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise InputError(f"tracking.uri: '{uri}' is not a tracking URI (expected one of "
+                         f"{', '.join(s + '://' for s in TRACKING_SCHEMES)})")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise InputError(f"tracking.uri: '{uri}' is not a SQLite URI (sqlite:///relative/path or sqlite:////abs/path)")
+    if scheme in ("http", "https"):
+        try:
+            port = parsed.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise InputError(f"tracking.uri: '{uri}' has no valid port") from None
+        if not parsed.hostname:
+            raise InputError(f"tracking.uri: '{uri}' names no host")
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            raise InputError(f"tracking.uri: cannot connect to {parsed.hostname}:{port} ({e.strerror or e}); "
+                             "start the tracking server (saferay tracking-server) or fix the address") from None
+
+
 def preflight(spec: StudySpec, data_cached: bool) -> None:
+    check_tracking(spec.tracking.uri)
     check_cluster(spec.cluster.address)
     check_corpora(spec, read_rows=not data_cached)
     check_model(spec)

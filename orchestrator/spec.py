@@ -82,8 +82,21 @@ class CorporaSpec(Strict):
     formats: dict[str, Literal["records", "beavertails", "beavertails-eval", "sst2", "ag_news", "gsm8k", "alpaca"]] = {}
     splits: dict[str, str] = {}  # corpus name -> split of a hub dataset or saved DatasetDict (e.g. 30k_train)
     limits: dict[str, int] = {}  # corpus name -> keep the first N records (SCIENCE.md §6 sizes)
+    # Task and look-alike corpora split train / validation / test by a hash of the normalised
+    # prompt (harmful-eval prompts: validation / test, half each); selection reads validation only.
     test_fraction: float = Field(0.3, gt=0, lt=1)
+    validation_fraction: float = Field(0.15, gt=0, lt=1)
     max_eval: int = Field(300, ge=1)
+    # A held-out prompt found in a training corpus fails the data stage ("error"), or is counted and
+    # reported ("warn": for real corpora the user cannot clean).
+    contamination: Literal["error", "warn"] = "error"
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self):
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"test_fraction {self.test_fraction:g} + validation_fraction "
+                             f"{self.validation_fraction:g} leave no training split (their sum must be below 1)")
+        return self
 
     @model_validator(mode="after")
     def _files_present(self):
@@ -201,7 +214,7 @@ class VulnerabilitySpec(TrainSpec):
     checkpoints: int = Field(10, ge=1)  # T, evenly spaced over the proxy run
     threshold: float = Field(0.0, ge=0)  # τ: vulnerable iff aggregate ForgotNum > τ
     aggregate: Literal["sum", "max", "mean"] = "sum"  # across proxy runs (our choice: sum)
-    max_new_tokens: int = Field(16, ge=1)  # enough for a refusal or "sure ... step 1 :"
+    max_new_tokens: int = Field(24, ge=1)  # enough for a refusal, or a harmful plan up to its first harmful step
     decode_batch_size: int = Field(128, ge=1)
     decode_actors: int = Field(2, ge=1)
     keep_checkpoints: bool = False  # proxy checkpoints are deleted once judged
@@ -378,6 +391,9 @@ def _read_yaml(path: Path, seen=()) -> dict:
         raise SpecError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a spec is a mapping of keys, got {type(data).__name__}")
+    if not data and not seen:
+        raise SpecError(f"{path}: the spec is empty: a spec needs at least 'study: NAME' and the fields it changes "
+                        "from the defaults (see studies/demo.yaml)")
     parent = data.pop("extends", None)
     if parent:
         parent_path = (path.parent / parent).resolve()

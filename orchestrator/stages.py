@@ -13,6 +13,7 @@ from orchestrator.debias import debias_config, run_debias
 from orchestrator.tune import run_tune, tune_config
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stage import Stage, StageContext, model_dir, ray_progress, threads, train_summary, wait_all
+from orchestrator.store import write_json
 from orchestrator.vulnerability import run_vulnerability, vulnerability_config
 
 
@@ -33,7 +34,8 @@ def _load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
     from jobs.safetyworld import generate_corpora
 
     if spec.corpora.source == "safetyworld":
-        corpora = generate_corpora(spec.seed, spec.corpora.safetyworld.model_dump())
+        corpora = generate_corpora(spec.seed, spec.corpora.safetyworld.model_dump(),
+                                   fractions=(spec.corpora.validation_fraction, spec.corpora.test_fraction))
         return {name: check_rows(rows, name, f"safetyworld:{name}") for name, rows in corpora.items()}
     return {name: read_corpus_file(spec, name) for name in spec.corpora.files}
 
@@ -53,12 +55,20 @@ def read_corpus_file(spec: StudySpec, name: str) -> list[dict]:
 def run_data(ctx: StageContext) -> dict:
     import ray
 
-    from jobs.corpora import split_corpora, tokenize_batch
+    from jobs.corpora import contamination, is_held_out, split_corpora, tokenize_batch
     from jobs.models import load_tokenizer, train_tokenizer
+    from jobs.records import InputError
 
     spec = ctx.spec
     ctx.progress("reading and checking corpora")
     splits = split_corpora(_load_corpora(spec), spec.corpora.model_dump())
+    leaked = contamination(splits)
+    if any(leaked.values()):
+        counts = ", ".join(f"{name} {n}/{len(splits[name])}" for name, n in leaked.items() if n)
+        if spec.corpora.contamination == "error":
+            raise InputError(f"corpora: held-out prompts occur in training corpora ({counts}); clean the corpora, "
+                             "or set corpora.contamination: warn to report the counts and go on")
+        ctx.progress(f"warning: held-out prompts occur in training corpora ({counts})")
     tok_dir = ctx.out / "tokenizer"
     if spec.model.source == "tiny":
         ctx.progress("training the BPE tokenizer")
@@ -74,10 +84,11 @@ def run_data(ctx: StageContext) -> dict:
                             fn_kwargs={"tokenizer_dir": str(tok_dir), "template": spec.model.prompt_template})
         ds.write_parquet(str(ctx.out / name))
         counts[name] = len(rows)
-        context = "eval" if name.endswith(("_eval", "_test")) else "train"
+        context = "eval" if is_held_out(name) else "train"
         ctx.tracker.log_dataset(ctx.run_id, rows, name, str(ctx.key_dir / name), context)
     ctx.tracker.log_metrics(ctx.run_id, {f"rows/{k}": v for k, v in counts.items()})
-    return {"splits": counts, "tokenizer": "tokenizer"}
+    ctx.tracker.log_metrics(ctx.run_id, {f"contamination/{k}": v for k, v in leaked.items()})
+    return {"splits": counts, "contamination": leaked, "tokenizer": "tokenizer"}
 
 
 # --- base ------------------------------------------------------------------------------
@@ -179,22 +190,36 @@ def run_evaluate(ctx: StageContext) -> dict:
     refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): name
             for name, (path, tasks) in targets.items()}
     results = dict(wait_all(ctx, refs, "models evaluated"))
+    warnings = judge_warnings(spec.evaluate.judge, results)
+    for line in warnings:
+        ctx.progress(line)
 
-    models = {name: _model_metrics(results[name]) for name in aligned}
-    attack = []
+    from jobs.intervals import levels, mean_ci, model_intervals, table_intervals
+
+    outcomes = {name: r.pop("outcomes") for name, r in results.items()}
+    write_json(ctx.out / "outcomes.json", outcomes)  # per prompt: what every interval is computed from
+    models = {name: {**_model_metrics(results[name]), **model_intervals(outcomes[name])} for name in aligned}
+    attack, cells = [], {}
     for cell in ctx.input_result("attack")["cells"]:
-        r = results[cell["name"]]
+        r, o = results[cell["name"]], outcomes[cell["name"]]
+        cells[(cell["model"], cell["task"], cell["p"])] = o
         attack.append({"model": cell["model"], "task": cell["task"], "p": cell["p"], "hs": r["hs"],
-                       "fa": r["fa"][cell["task"]], "hs_by_category": r["hs_by_category"],
-                       "over_refusal": r["over_refusal"], "attack_run_id": cell["run_id"]})
+                       "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][cell["task"]], "fa_ci": mean_ci(o["fa"][cell["task"]]),
+                       "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"],
+                       "attack_run_id": cell["run_id"]})
+    table = attack_table(attack, spec.attack.tasks)
+    comparisons = table_intervals(table, cells, spec.attack.tasks)
     for name, m in models.items():
         ctx.tracker.log_metrics(ctx.run_id, {f"{name}/{k}": v for k, v in m.items()})
     for row in attack:
         ctx.tracker.log_metrics(ctx.run_id, {f"attack/{row['model']}/{row['task']}/p{row['p']:g}/{k}": row[k]
-                                             for k in ("hs", "fa")})
+                                             for k in ("hs", "fa", "hs_ci", "fa_ci")})
+    for c in comparisons:
+        ctx.tracker.log_metrics(ctx.run_id, {f"diff/{c['a']}-{c['b']}/p{c['p']:g}/{c['metric']}": c["diff"],
+                                             f"diff/{c['a']}-{c['b']}/p{c['p']:g}/{c['metric']}_ci": c["ci"]})
     ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
                           "attack_results.json")
-    table = attack_table(attack, spec.attack.tasks)
+    ctx.tracker.log_table(ctx.run_id, comparisons, "comparisons.json")
     ctx.tracker.log_table(ctx.run_id, table, "attack_table.json")
     if attack:
         from dashboards.plots import hs_against_ratio
@@ -202,8 +227,26 @@ def run_evaluate(ctx: StageContext) -> dict:
         ctx.tracker.log_file(ctx.run_id, hs_against_ratio(table, ctx.out / "hs_against_p.png"), "plots")
     if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
         ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
-    return {"judge": spec.evaluate.judge, "models": models, "attack": attack, "attack_table": table,
+    return {"judge": spec.evaluate.judge, "judge_warnings": warnings, "models": models, "attack": attack,
+            "attack_table": table, "comparisons": comparisons,
+            "intervals": {"level": 0.95, "resampled": levels(1), "method": "percentile bootstrap"},
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
+
+
+def judge_warnings(judge: str, results: dict[str, dict], limit: float = 0.05) -> list[str]:
+    """One line per model whose verdicts the judge could not parse above `limit` (SCIENCE.md §10);
+    a model with no parsed verdict at all has no HS, and the study stops saying so."""
+    from jobs.records import InputError
+
+    lines = []
+    for name, r in results.items():
+        if r["hs"] is None:
+            raise InputError(f"evaluate: judge '{judge}' could not parse any of the {r['n']} verdicts on {name}, so "
+                             "its harmful score is not measured (check evaluate.judge_model and its output format)")
+        if r["unparsed"] > limit * r["n"]:
+            lines.append(f"warning: judge '{judge}' could not parse {r['unparsed']} of {r['n']} verdicts on {name}; "
+                         "its HS is over the parsed ones")
+    return lines
 
 
 def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
@@ -225,17 +268,18 @@ def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
 
 
 def _model_metrics(r: dict) -> dict:
-    return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": r["fa"]}
+    return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": r["fa"],
+            "unparsed": r["unparsed"]}
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", 1, (), _data_config, run_data),
     Stage("base", 1, ("data",), _base_config, run_base),
     Stage("align_sft", 1, ("data", "base"), align_config, run_align_sft),
-    Stage("vulnerability", 1, ("data", "align_sft"), vulnerability_config, run_vulnerability),
-    Stage("align_vaa", 1, ("data", "base", "vulnerability"), vaa_config, run_align_vaa),
+    Stage("vulnerability", 2, ("data", "align_sft"), vulnerability_config, run_vulnerability),
+    Stage("align_vaa", 2, ("data", "base", "vulnerability"), vaa_config, run_align_vaa),
     Stage("attack", 1, ("data", "base", "align_sft", "align_vaa"), _attack_config, run_attack),
-    Stage("evaluate", 1, ("data", "base", "align_sft", "align_vaa", "attack"), _evaluate_config, run_evaluate),
-    Stage("debias", 1, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
-    Stage("tune", 1, ("data", "base", "vulnerability", "evaluate"), tune_config, run_tune),
+    Stage("evaluate", 2, ("data", "base", "align_sft", "align_vaa", "attack"), _evaluate_config, run_evaluate),
+    Stage("debias", 2, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
+    Stage("tune", 2, ("data", "base", "vulnerability", "attack", "evaluate"), tune_config, run_tune),
 )

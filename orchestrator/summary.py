@@ -22,13 +22,18 @@ def summarize(store: StudyStore) -> dict:
     }
     results = {s["name"]: store.result(s["name"], s["key"]) for s in state["stages"]
                if s["status"] in ("complete", "cached") and store.is_complete(s["name"], s["key"])}
+    if "data" in results:  # held-out prompts found in training corpora, per held-out split (0 is the pass)
+        out["contamination"] = results["data"].get("contamination")
     if "evaluate" in results:
         ev = results["evaluate"]
         out["judge"] = ev["judge"]
         out["models"] = ev["models"]
-        out["attack"] = [{k: row[k] for k in ("model", "task", "p", "hs", "fa", "hs_by_category", "over_refusal")}
-                         for row in ev["attack"]]
+        out["attack"] = [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_category",
+                                                  "over_refusal")} for row in ev["attack"]]
         out["attack_table"] = ev.get("attack_table", [])
+        out["comparisons"] = ev.get("comparisons", [])
+        out["intervals"] = ev.get("intervals")
+        out["judge_warnings"] = ev.get("judge_warnings", [])
     if results.get("debias", {}).get("enabled"):
         d = results["debias"]
         out["debias"] = {k: d[k] for k in ("alpha", "length", "reference", "win_rate")}
@@ -36,7 +41,8 @@ def summarize(store: StudyStore) -> dict:
                                    for name, m in d["models"].items()}
     if results.get("tune", {}).get("enabled"):
         t = results["tune"]
-        out["tune"] = {k: t[k] for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
+        out["tune"] = {k: t.get(k) for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
+        out["selection"] = t.get("selection")
         out["tune"]["trials"] = len(t["trials"])
     if "vulnerability" in results:
         out["vulnerability"] = _vulnerability(store, state, results["vulnerability"])
@@ -59,12 +65,19 @@ def _vulnerability(store: StudyStore, state: dict, result: dict) -> dict:
     stats = json.loads((store.stage_dir("vulnerability", key) / result["stats_file"]).read_text())
     ov = stats["overlap"]
     return {
-        **{k: stats[k] for k in ("n", "threshold", "aggregate", "fraction_vulnerable", "fraction_never_forgotten",
+        **{k: stats.get(k) for k in ("n", "n_forgettable", "unparsed_verdicts", "threshold", "aggregate",
+                                     "fraction_vulnerable", "fraction_never_forgotten",
                                  "forgot_histogram", "hs_by_checkpoint", "correlation", "by_category", "runs")},
         "overlap": {"common_forgot_ratio": ov["common_forgot_ratio"], "sizes": ov["sizes"], "jaccard": ov["jaccard"],
                     "pairs": ov["pairs"]},
         "groups_file": str(store.stage_dir("vulnerability", key) / result["groups_file"]),
     }
+
+
+def _with_ci(value, ci, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def render(summary: dict, console) -> None:
@@ -81,8 +94,9 @@ def render(summary: dict, console) -> None:
         for col in ("model", "HS", "over-refusal", "task accuracy"):
             models.add_column(col)
         for name, m in summary["models"].items():
-            fa = ", ".join(f"{t} {v:.2f}" for t, v in m.get("fa", {}).items())
-            models.add_row(name, f"{m['hs']:.3f}", f"{m['over_refusal']:.3f}", fa)
+            fa = ", ".join(f"{t} {_with_ci(v, m.get('fa_ci', {}).get(t), 2)}" for t, v in m.get("fa", {}).items())
+            models.add_row(name, _with_ci(m["hs"], m.get("hs_ci")), _with_ci(m["over_refusal"], m.get("over_refusal_ci")),
+                           fa)
         console.print(models)
     if summary.get("attack_table"):
         rows = summary["attack_table"]
@@ -91,9 +105,18 @@ def render(summary: dict, console) -> None:
         for col in ("model", "p", *tasks, "average"):
             attack.add_column(col)
         for row in rows:
-            cells = [f"{row[f'{t}/hs']:.3f} / {row[f'{t}/fa']:.2f}" if f"{t}/hs" in row else "" for t in (*tasks, "avg")]
+            cells = [f"{_with_ci(row[f'{t}/hs'], row.get(f'{t}/hs_ci'))} / {_with_ci(row[f'{t}/fa'], row.get(f'{t}/fa_ci'), 2)}"
+                     if f"{t}/hs" in row else "" for t in (*tasks, "avg")]
             attack.add_row(row["model"], f"{row['p']:g}", *cells)
         console.print(attack)
+        if summary.get("intervals"):
+            console.print(f"[dim]95% intervals: bootstrap over {summary['intervals']['resampled']}[/]")
+    for c in summary.get("comparisons", []):
+        verdict = "a difference" if c["significant"] else "no difference shown (the interval includes 0)"
+        ci = f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else "n/a"
+        console.print(f"{c['a']} − {c['b']} at p = {c['p']:g}, {c['metric']}: {c['diff']:+.3f} {ci}: {verdict}")
+    for line in summary.get("judge_warnings", []):
+        console.print(f"[yellow]{line}[/]")
     for name, v in summary.get("vaa", {}).get("variants", {}).items():
         console.print(f"{name}: q {v['q0']:.2f} → {v['q_final']:.2f}, {v['perturbed_fraction']:.0%} of steps perturbed, "
                       f"{v['vulnerable_draw_fraction']:.0%} drew the vulnerable group, final loss {v['final_loss']:.3f}")
@@ -112,8 +135,10 @@ def render(summary: dict, console) -> None:
         line = lambda b: f"HS {b['hs']:.3f} / FA {b['fa']:.3f}" if b else "n/a"  # noqa: E731
         console.print(f"tune: {t['trials']} trials at p = {t['p']:g} on {', '.join(t['tasks'])}; "
                       f"{len(t['pareto'])} on the Pareto front")
-        console.print(f"  selected {sel['config'] if sel else 'none (no trial within δ of SFT FA)'}: "
+        console.print(f"  selected on validation {sel['config'] if sel else 'none (no trial within δ of SFT FA)'}: "
                       f"{line(sel)}   sft {line(base['sft'])}   vaa (spec defaults) {line(base['vaa'])}")
+        if sel and sel.get("test"):
+            console.print(f"  the selected configuration on test: {line(sel['test'])}")
     vuln = summary.get("vulnerability")
     if vuln and "overlap" in vuln:
         console.print(f"vulnerability: {vuln['fraction_vulnerable']:.1%} of {vuln['n']} alignment examples vulnerable "
@@ -126,5 +151,10 @@ def render(summary: dict, console) -> None:
             console.print(f"  {pair}: Jaccard {ov['jaccard'][pair.split('__')[0]][pair.split('__')[1]] or 0:.3f}, "
                           f"observed/expected {oe or 0:.2f} (p = {p['p_value']:.2g}), "
                           f"within categories {oec or 0:.2f} (p = {p.get('p_value_within_category', 1):.2g})")
+    leaked = summary.get("contamination") or {}
+    if leaked:
+        total = sum(leaked.values())
+        console.print(f"contamination: {total} held-out prompts in training corpora" +
+                      ("" if not total else f" ({', '.join(f'{k} {v}' for k, v in leaked.items() if v)})"))
     ml = summary["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")

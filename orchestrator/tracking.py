@@ -74,7 +74,13 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
         from mlflow.entities import Metric
 
-        items = [Metric(k, float(v), 0, step) for k, v in flatten(metrics).items() if _is_number(v)]
+        flat = {}
+        for k, v in flatten(metrics).items():
+            if k.endswith("_ci") and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
+                flat[f"{k}_lo"], flat[f"{k}_hi"] = v
+            else:
+                flat[k] = v
+        items = [Metric(k, float(v), 0, step) for k, v in flat.items() if _is_number(v)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 

@@ -66,13 +66,27 @@ def select(rows: list[dict], baseline_fa: float, delta: float) -> dict | None:
     return min(eligible, key=lambda r: (r["hs"], -r["fa"])) if eligible else None
 
 
-def _baseline(ctx: StageContext, model: str) -> dict | None:
-    t = ctx.spec.tune
-    cells = [r for r in ctx.input_result("evaluate")["attack"] if r["model"] == model and r["p"] == t.p
-             and r["task"] in t.tasks]
-    if len(cells) != len(t.tasks):
+def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dict | None:
+    """HS and FA averaged over tasks for attack cells {task: model dir}, on one side of the splits."""
+    import ray
+
+    from jobs.evaluate import evaluate_model
+
+    if len(cells) != len(ctx.spec.tune.tasks):
         return None
-    return {"hs": sum(c["hs"] for c in cells) / len(cells), "fa": sum(c["fa"] for c in cells) / len(cells)}
+    task = ray.remote(evaluate_model).options(num_cpus=1)
+    results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.evaluate.model_dump(), 1,
+                                   split=split) for name, path in cells.items()])
+    return {"hs": sum(r["hs"] for r in results) / len(results),
+            "fa": sum(r["fa"][name] for r, name in zip(results, cells)) / len(results), "split": split}
+
+
+def _baseline(ctx: StageContext, model: str) -> dict | None:
+    """A model's attack cells at the tuning ratio, evaluated on validation like the trials."""
+    t = ctx.spec.tune
+    cells = {c["task"]: str(ctx.input_dir("attack") / c["dir"]) for c in ctx.input_result("attack")["cells"]
+             if c["model"] == model and c["p"] == t.p and c["task"] in t.tasks}
+    return _evaluate_cells(ctx, cells, "validation")
 
 
 def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
@@ -127,13 +141,20 @@ def run_tune(ctx: StageContext) -> dict:
         if r.metrics and "hs" in r.metrics and not r.metrics.get("error"):
             rows.append({"trial_id": r.metrics["trial_id"], "config": r.config, "hs": r.metrics["hs"],
                          "fa": r.metrics["fa"], "q_final": r.metrics.get("q_final"),
-                         "trial_seconds": r.metrics.get("trial_seconds")})
+                         "trial_seconds": r.metrics.get("trial_seconds"), "trial_dir": r.path})
     if not rows:
         raise RuntimeError(f"no trial of the sweep finished ({len(grid)} trials; see {path})")
+    ctx.progress("baselines on the validation prompts")
     sft, vaa_default = _baseline(ctx, "sft"), _baseline(ctx, "vaa")
     selected = select(rows, sft["fa"] if sft else max(r["fa"] for r in rows), t.delta)
+    if selected:  # chosen on validation; its attack cells are evaluated on test once, and both are reported
+        ctx.progress("the selected configuration on the test prompts")
+        selected = {**selected, "test": _evaluate_cells(
+            ctx, {task: f"{selected['trial_dir']}/attack-{task}" for task in t.tasks}, "test")}
     result = {"enabled": True, "trials": sorted(rows, key=lambda r: r["trial_id"]), "pareto": pareto_front(rows),
               "selected": selected, "baselines": {"sft": sft, "vaa": vaa_default}, "p": t.p, "tasks": t.tasks,
+              "selection": {"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",
+                            "reported_on_test": ["selected"]},
               "failed_trials": len(grid) - len(rows)}
     _track(ctx, result)
     return result

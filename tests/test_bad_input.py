@@ -1,5 +1,5 @@
-"""Every kind of bad input exits 2 with one message naming the problem and where, and leaves the
-study store exactly as it was (here: not created at all)."""
+"""Every kind of bad input exits 2 with one message naming the problem and where (no traceback),
+and leaves a study store that already existed exactly as it was: no file added, changed or removed."""
 
 import json
 
@@ -67,7 +67,16 @@ CASES = {
                                      "tokens but the model's embedding has 100 rows"),
     "unreachable cluster": (lambda t: "study: bad\ncluster: {address: '127.0.0.1:9'}\n",
                             "cluster.address: cannot connect to 127.0.0.1:9"),
+    "empty spec": (lambda t: "", "spec.yaml: the spec is empty: a spec needs at least 'study: NAME'"),
+    "malformed tracking uri": (lambda t: "study: bad\ntracking: {uri: 'mlflow at home'}\n",
+                               "tracking.uri: 'mlflow at home' is not a tracking URI"),
+    "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",
+                                    "tracking.uri: cannot connect to 127.0.0.1:9"),
 }
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,9 +85,12 @@ def test_bad_input_exits_2_and_leaves_the_store(case, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(make_spec(tmp_path))
     store = tmp_path / "store"
+    (store / "studies" / "bad").mkdir(parents=True)  # a store with a study in it already
+    (store / "studies" / "bad" / "state.json").write_text('{"stages": []}')
+    before = snapshot(store)
     proc = saferay("run", str(spec), store=store, check=False, timeout=120)
-    err = proc.stderr.replace("\n", "")
+    err = proc.stderr.replace("\n", "")  # rich wraps long lines
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message.format(t=tmp_path) in err, err
-    assert err.count("error:") == 1
-    assert not store.exists(), "bad input must not create or change the store"
+    assert err.count("error:") == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert snapshot(store) == before, "bad input must leave the store as it was"

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.corpora import read_records, split_corpora
+from jobs.corpora import contamination, held_out_side, is_held_out, read_records, split_corpora
 from jobs.records import CorpusError
 from jobs.safetyworld import generate_corpora
 from orchestrator.store import StudyStore, stage_key
@@ -44,17 +44,40 @@ def test_corrupt_json_and_missing_file(tmp_path):
         read_records(tmp_path / "missing.jsonl", "harmful")
 
 
-def test_splits_are_disjoint_and_stable():
+CFG = {"test_fraction": 0.3, "validation_fraction": 0.15, "max_eval": 1000}
+
+
+def test_splits_are_disjoint_by_normalised_prompt_and_stable():
     c = generate_corpora(0, dict(alignment=200, harmful=200, harmful_eval=80, lookalike=80, task_train=60,
-                                 task_test=20, pretrain=100))
-    c["harmful_eval"].append({**c["alignment"][0], "id": "dup"})  # an eval prompt leaking from alignment
-    s = split_corpora(c, {"test_fraction": 0.3, "max_eval": 1000})
-    prompts = [{r["prompt"] for r in s[k]} for k in ("align_train", "harmful", "harmful_eval")]
-    assert not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2]) and "dup" not in {r["id"] for r in s["harmful_eval"]}
-    train = {r["id"] for r in s["task_sentiment_train"]}
-    test = {r["id"] for r in s["task_sentiment_test"]}
-    assert not (train & test) and 0.15 < len(test) / (len(train) + len(test)) < 0.45
-    assert split_corpora(c, {"test_fraction": 0.3, "max_eval": 1000}) == s
+                                 task_test=20, pretrain=400), fractions=(0.15, 0.3))
+    c["harmful_eval"].append({**c["alignment"][0], "id": "dup"})  # an eval prompt that alignment also has
+    s = split_corpora(c, CFG)
+    assert contamination(s) == {k: 0 for k in s if is_held_out(k)}, "the generated world must not leak"
+    task_rows = [r for r in s["pretrain"] if r["id"].split("-")[1] in ("sentiment", "topic", "arithmetic", "instruct")]
+    assert task_rows and all(held_out_side(r["prompt"], 0.15, 0.3) == "train" for r in task_rows)
+    held = {r["id"] for k in ("harmful_validation", "harmful_eval") for r in s[k]}
+    assert "dup" in held, "the held-out set keeps its prompt; the training side loses it"
+    assert c["alignment"][0]["prompt"] not in {r["prompt"] for r in s["align_train"]}
+    sizes = [len(s[f"task_sentiment_{k}"]) for k in ("train", "validation", "test")]
+    assert all(sizes) and 0.15 < sizes[2] / sum(sizes) < 0.45
+    assert split_corpora(c, CFG) == s
+
+
+def test_contamination_is_counted_case_and_space_blind():
+    c = generate_corpora(0, dict(alignment=50, harmful=50, harmful_eval=20, lookalike=40, task_train=60,
+                                 task_test=20, pretrain=100), fractions=(0.15, 0.3))
+    s = split_corpora(c, CFG)
+    leaked = s["task_topic_test"][0]["prompt"]
+    s["pretrain"].append({"id": "leak", "prompt": "  " + leaked.upper().replace(" ", "   "), "response": "x"})
+    assert contamination(s)["task_topic_test"] == 1 and sum(contamination(s).values()) == 1
+
+
+def test_a_corpus_too_small_to_split_names_the_split():
+    c = generate_corpora(0, dict(alignment=20, harmful=20, harmful_eval=10, lookalike=10, task_train=2,
+                                 task_test=1, pretrain=50))
+    with pytest.raises(CorpusError, match=r"split 'task_\w+_(validation|test|train)' is empty \(corpus 'task_\w+' is "
+                                          r"too small for corpora.test_fraction 0.3"):
+        split_corpora(c, CFG)
 
 
 def test_stage_key_depends_on_config_inputs_and_version():

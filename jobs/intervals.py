@@ -1,0 +1,118 @@
+"""95% intervals and paired differences for the rates a study reports (SCIENCE.md §10).
+
+An outcome is a 0/1 vector over prompts (harmful, correct, refused), one per seed. The interval
+is a two-level percentile bootstrap: resample the seeds, then the prompts within each drawn seed,
+and take the mean over the drawn seeds of each seed's mean. With one seed it covers prompt
+sampling only (`levels` says which). A paired difference resamples the same seeds and the same
+prompt indices for both sides, so what the two models share (prompts, attack data) cancels.
+
+Several outcome vectors averaged into one number (the average HS over tasks) are resampled each
+within itself, with the seed draw shared, so the average's interval is as wide as its parts allow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RESAMPLES = 1000  # SCIENCE.md §10 asks for at least 1,000
+LEVEL = 0.95
+
+
+def _per_seed(outcomes) -> list[np.ndarray]:
+    """Accept one vector (one seed) or a list of vectors (one per seed); NaN marks 'not measured'."""
+    if isinstance(outcomes, np.ndarray) or (outcomes and np.isscalar(outcomes[0])):
+        outcomes = [outcomes]
+    out = [np.asarray(o, dtype=float) for o in outcomes]
+    return [o[~np.isnan(o)] for o in out]
+
+
+def _interval(values: list[float], level: float = LEVEL) -> list[float] | None:
+    values = np.asarray([v for v in values if not np.isnan(v)])
+    if not len(values):
+        return None
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def mean_ci(outcomes, resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
+    """The 95% interval of a rate's mean over seeds (each seed's mean over its prompts)."""
+    return average_ci([outcomes], resamples, seed)
+
+
+def average_ci(parts: list, resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
+    """The interval of the average of several rates (e.g. HS over tasks), each a per-seed outcome list."""
+    return difference_ci(parts, None, resamples, seed)
+
+
+def difference_ci(a_parts: list, b_parts: list | None, resamples: int = RESAMPLES,
+                  seed: int = 0) -> list[float] | None:
+    """The interval of mean(a) − mean(b) (or of mean(a) alone when `b_parts` is None), paired:
+    a_parts[k] and b_parts[k] are outcomes on the same prompts under the same seeds."""
+    a = [_per_seed(p) for p in a_parts]
+    b = [_per_seed(p) for p in b_parts] if b_parts is not None else None
+    if any(not len(o) for part in a for o in part):
+        return None
+    if b is not None:
+        for pa, pb in zip(a, b, strict=True):
+            if [len(o) for o in pa] != [len(o) for o in pb]:
+                raise ValueError("a paired difference needs the same prompts and seeds on both sides")
+    rng = np.random.default_rng(seed)
+    n_seeds = len(a[0])
+    stats = []
+    for _ in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=int)
+        total = 0.0
+        for k, part in enumerate(a):
+            for s in seeds:
+                idx = rng.integers(0, len(part[s]), len(part[s]))
+                total += part[s][idx].mean() - (b[k][s][idx].mean() if b is not None else 0.0)
+        stats.append(total / (len(a) * len(seeds)))
+    return _interval(stats)
+
+
+def point(parts: list) -> float:
+    """The point estimate the intervals are around: the mean over parts of the mean over seeds."""
+    return float(np.mean([np.mean([o.mean() for o in _per_seed(x)]) for x in parts]))
+
+
+def levels(n_seeds: int) -> str:
+    return "seeds, then prompts" if n_seeds > 1 else "prompts only (one seed)"
+
+
+def comparison(a: str, b: str, p: float, metric: str, a_parts: list, b_parts: list, seed: int = 0) -> dict:
+    """One headline comparison: the paired difference a − b with its interval, called a difference
+    only when the interval excludes 0."""
+    ci = difference_ci(a_parts, b_parts, seed=seed)
+    diff = point(a_parts) - point(b_parts)
+    return {"a": a, "b": b, "p": p, "metric": metric, "diff": diff, "ci": ci,
+            "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+
+
+# --- a study's tables, annotated ------------------------------------------------------------
+
+
+def model_intervals(outcomes: dict) -> dict:
+    """`hs_ci`, `over_refusal_ci` and `fa_ci` (per task) from one model's per-prompt outcomes."""
+    return {"hs_ci": mean_ci(outcomes["hs"]), "over_refusal_ci": mean_ci(outcomes["over_refusal"]),
+            "fa_ci": {t: mean_ci(o) for t, o in outcomes["fa"].items()}}
+
+
+def table_intervals(table: list[dict], cells: dict[tuple, dict], tasks: list[str], reference: str = "sft"):
+    """Intervals on the attack table's rows (per task and the average over tasks) and the headline
+    comparisons: every model against `reference` at each p, average HS and FA, paired by task.
+
+    `cells[(model, task, p)]` holds that cell's per-prompt outcomes."""
+    comparisons = []
+    for row in table:
+        model, p = row["model"], row["p"]
+        present = [t for t in tasks if (model, t, p) in cells]
+        for metric, pick in (("hs", lambda o, t: o["hs"]), ("fa", lambda o, t: o["fa"][t])):
+            for t in present:
+                row[f"{t}/{metric}_ci"] = mean_ci(pick(cells[(model, t, p)], t))
+            row[f"avg/{metric}_ci"] = average_ci([pick(cells[(model, t, p)], t) for t in present])
+            shared = [t for t in present if (reference, t, p) in cells]
+            if model != reference and shared:
+                comparisons.append(comparison(
+                    model, reference, p, f"avg/{metric}", [pick(cells[(model, t, p)], t) for t in shared],
+                    [pick(cells[(reference, t, p)], t) for t in shared]))
+    return comparisons

@@ -1,0 +1,53 @@
+"""The intervals and paired differences of SCIENCE.md §10, against values worked out by hand."""
+
+import numpy as np
+import pytest
+
+from jobs.intervals import average_ci, comparison, difference_ci, mean_ci, table_intervals
+
+
+def test_a_constant_outcome_has_a_point_interval():
+    assert mean_ci([1] * 30) == [1.0, 1.0]
+    assert mean_ci([1, None, 1]) == [1.0, 1.0]  # unparsed verdicts are left out, not read as 0
+    assert mean_ci([None, None]) is None
+
+
+def test_prompt_level_interval_matches_the_binomial_width():
+    ci = mean_ci([1] * 50 + [0] * 50)
+    # p = 0.5 over 100 prompts: standard error 0.05, so about 0.5 ± 0.098
+    assert 0.38 < ci[0] < 0.42 and 0.58 < ci[1] < 0.62
+
+
+def test_seeds_are_resampled_before_prompts():
+    low, high = [1] * 20 + [0] * 80, [1] * 80 + [0] * 20  # two seeds that disagree
+    ci = mean_ci([low, high])
+    assert ci[0] < 0.3 and ci[1] > 0.7, "the seed-to-seed spread must widen the interval"
+    assert mean_ci(low)[1] - mean_ci(low)[0] < 0.2  # one seed: prompt sampling only
+
+
+def test_paired_difference_sees_what_an_unpaired_one_cannot():
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 2, 200)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:10]] = 1  # a is b with 10 of 200 prompts flipped to harmful
+    c = comparison("vaa", "sft", 0.1, "avg/hs", [a], [b])
+    assert c["diff"] == pytest.approx(0.05)
+    assert c["significant"] and 0 < c["ci"][0] < 0.05 < c["ci"][1] < 0.1
+    same = comparison("vaa", "sft", 0.1, "avg/hs", [b], [b])
+    assert same["ci"] == [0.0, 0.0] and not same["significant"]
+    with pytest.raises(ValueError, match="same prompts"):
+        difference_ci([a[:10]], [b])
+
+
+def test_average_over_tasks_and_the_table():
+    assert average_ci([[1] * 10, [0] * 10]) == [0.5, 0.5]
+    sft = {"hs": [1] * 40, "fa": {"sentiment": [1] * 40}}
+    vaa = {"hs": [0] * 40, "fa": {"sentiment": [1] * 39 + [0]}}
+    table = [{"model": "sft", "p": 0.1}, {"model": "vaa", "p": 0.1}]
+    comparisons = table_intervals(table, {("sft", "sentiment", 0.1): sft, ("vaa", "sentiment", 0.1): vaa},
+                                  ["sentiment"])
+    assert table[1]["avg/hs_ci"] == [0.0, 0.0] and table[0]["sentiment/fa_ci"] == [1.0, 1.0]
+    hs = next(c for c in comparisons if c["metric"] == "avg/hs")
+    assert hs["diff"] == -1.0 and hs["significant"] and (hs["a"], hs["b"], hs["p"]) == ("vaa", "sft", 0.1)
+    fa = next(c for c in comparisons if c["metric"] == "avg/fa")
+    assert fa["diff"] == pytest.approx(-1 / 40) and not fa["significant"]

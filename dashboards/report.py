@@ -12,7 +12,8 @@ import json
 import tempfile
 from pathlib import Path
 
-SECTIONS = ("stages", "hs-fa-table", "hs-against-p", "pareto", "forgetting", "overlap", "hs-by-category", "tsdi")
+SECTIONS = ("stages", "contamination", "hs-fa-table", "hs-against-p", "pareto", "forgetting", "overlap", "hs-by-category",
+            "tsdi")
 
 
 class Links:
@@ -88,10 +89,10 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
           "" if r.get("seconds") is None else f"{r['seconds']:.1f}"] for r in state["stages"]]))]
 
     leaked = summary.get("contamination")
-    if leaked is not None:
-        parts.append(_section("contamination", "Held-out prompts found in training corpora", _table(
-            ["held-out split", "prompts also in a training corpus"],
-            [[html.escape(k), links.number(v, run_of("data"), "{:d}")] for k, v in leaked.items()])))
+    parts.append(_section("contamination", "Held-out prompts found in training corpora", _table(
+        ["held-out split", "prompts also in a training corpus"],
+        [[html.escape(k), links.number(v, run_of("data"), "{:d}")] for k, v in leaked.items()])
+        if leaked is not None else _img(None, "contamination count")))
 
     evaluate = json.loads((stage_dir("evaluate") / "result.json").read_text()) if stage_dir("evaluate") else None
     if evaluate:

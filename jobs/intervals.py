@@ -20,9 +20,9 @@ LEVEL = 0.95
 
 def _per_seed(outcomes) -> list[np.ndarray]:
     """Accept one vector (one seed) or a list of vectors (one per seed); NaN marks 'not measured'."""
-    if isinstance(outcomes, np.ndarray) or (outcomes and np.isscalar(outcomes[0])):
-        outcomes = [outcomes]
-    out = [np.asarray(o, dtype=float) for o in outcomes]
+    if not len(outcomes) or not isinstance(outcomes[0], (list, tuple, np.ndarray)):
+        outcomes = [outcomes]  # one seed's vector
+    out = [np.asarray([np.nan if x is None else x for x in o], dtype=float) for o in outcomes]
     return [o[~np.isnan(o)] for o in out]
 
 
@@ -89,6 +89,13 @@ def comparison(a: str, b: str, p: float, metric: str, a_parts: list, b_parts: li
 
 
 # --- a study's tables, annotated ------------------------------------------------------------
+
+
+def stack_seeds(per_seed: list[dict]) -> dict:
+    """One model's (or cell's) per-prompt outcomes over its seeds: each vector becomes a list of
+    vectors, one per seed, in the order given."""
+    return {"hs": [o["hs"] for o in per_seed], "over_refusal": [o["over_refusal"] for o in per_seed],
+            "fa": {t: [o["fa"][t] for o in per_seed] for t in per_seed[0]["fa"]}}
 
 
 def model_intervals(outcomes: dict) -> dict:

@@ -62,3 +62,18 @@ def _answer_text(text: str) -> str:
 def task_accuracy(task: str, responses: list[str], answers: list[str]) -> float:
     hits = sum(answers_match(task, r, a) for r, a in zip(responses, answers, strict=True))
     return hits / max(1, len(answers))
+
+
+def average_over_seeds(per_seed: list[dict]) -> dict:
+    """One model's (or cell's) rates averaged over its replicates: HS, over-refusal, FA per task and
+    HS per category (over the seeds that have it); unparsed verdicts summed. A rate no seed could
+    measure (HS with nothing parsed) stays None."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    categories = dict.fromkeys(c for r in per_seed for c in r["hs_by_category"])
+    return {"hs": mean([r["hs"] for r in per_seed]), "over_refusal": mean([r["over_refusal"] for r in per_seed]),
+            "fa": {t: mean([r["fa"][t] for r in per_seed]) for t in per_seed[0]["fa"]},
+            "hs_by_category": {c: mean([r["hs_by_category"].get(c) for r in per_seed]) for c in categories},
+            "unparsed": sum(r["unparsed"] for r in per_seed), "n": sum(r["n"] for r in per_seed)}

@@ -11,8 +11,9 @@ from orchestrator.spec import AlignSpec, StudySpec
 from orchestrator.stage import StageContext, model_dir, threads, train_summary
 
 
-def alignment_frame(data_dir: Path, spec: StudySpec, lookalike: bool | None = None):
-    """Refusals, plus answered look-alikes and a few task examples per task (utility kept).
+def alignment_frame(data_dir: Path, spec: StudySpec, lookalike: bool | None = None, seed: int | None = None):
+    """Refusals, plus answered look-alikes and a few task examples per task (utility kept), in the
+    order of `seed` (default: the study's seed).
 
     Alignment sets are thousands of rows, so they are mixed and shuffled in memory once; a
     Ray Data all-to-all shuffle costs far more than it saves here.
@@ -28,7 +29,8 @@ def alignment_frame(data_dir: Path, spec: StudySpec, lookalike: bool | None = No
     if spec.align_sft.benign_per_task:
         for split in sorted(p.name for p in data_dir.glob("task_*_train")):
             parts.append(read_split(data_dir, split, TRAIN_COLUMNS).iloc[: spec.align_sft.benign_per_task])
-    return pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=spec.seed, ignore_index=True)
+    return pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=spec.seed if seed is None else seed,
+                                                     ignore_index=True)
 
 
 def strategy_name(cfg: AlignSpec) -> str:
@@ -65,9 +67,9 @@ def export(result, base: str, out: Path, tokenizer, lora: dict) -> None:
         export_checkpoint(ckpt, base, str(out), tokenizer, lora)
 
 
-def _loop_config(ctx: StageContext, rows: int, base: str, tokenizer) -> dict:
+def _loop_config(ctx: StageContext, rows: int, base: str, tokenizer, seed: int) -> dict:
     cfg = ctx.spec.align_sft
-    return {**cfg.model_dump(), "seed": ctx.spec.seed, "model_dir": base, "rows": rows,
+    return {**cfg.model_dump(), "seed": seed, "model_dir": base, "rows": rows,
             "pad_id": tokenizer.pad_token_id, "max_len": ctx.spec.model.tiny.max_len,
             "threads": 1 if cfg.num_workers > 1 else threads()}
 
@@ -76,18 +78,37 @@ def _loop_config(ctx: StageContext, rows: int, base: str, tokenizer) -> dict:
 
 
 def align_config(spec: StudySpec) -> dict:
-    return {"train": spec.align_sft.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+    return {"train": spec.align_sft.model_dump(), "seed": spec.seed, "seeds": spec.replicates,
+            "max_len": spec.model.tiny.max_len}
+
+
+def replicate_path(name: str, seed: int, first: bool) -> str:
+    """Where one replicate of a trained model lives in its stage: the first seed's at `name/model`
+    (what single-seed consumers read), the others beside it."""
+    return f"{name}/model" if first else f"{name}/seed{seed}/model"
+
+
+def replicate_name(run_name: str, seed: int, spec: StudySpec) -> str:
+    """A Ray Train run name per replicate (a resumed stage finds each run's checkpoints)."""
+    return run_name if len(spec.replicates) == 1 else f"{run_name}-s{seed}"
 
 
 def run_align_sft(ctx: StageContext) -> dict:
-    result = train_sft(ctx, "align_sft", ctx.out / "model")
-    ctx.tracker.log_series(ctx.run_id, "train/loss", result.pop("losses"))
-    return {"model": "model", **result}
+    replicates, first = {}, None
+    for i, seed in enumerate(ctx.spec.replicates):
+        path = replicate_path(".", seed, i == 0).removeprefix("./")
+        result = train_sft(ctx, replicate_name("align_sft", seed, ctx.spec), ctx.out / path, seed=seed)
+        ctx.tracker.log_series(ctx.run_id, "train/loss" if i == 0 else f"train/loss_seed{seed}", result.pop("losses"))
+        replicates[str(seed)] = path
+        first = first or result
+    return {"model": "model", "replicates": replicates, **first}
 
 
-def train_sft(ctx: StageContext, run_name: str, out: Path, epochs: int | None = None, lookalike: bool | None = None):
+def train_sft(ctx: StageContext, run_name: str, out: Path, epochs: int | None = None, lookalike: bool | None = None,
+              seed: int | None = None):
     """SFT of the base model on the alignment mix, exported to `out`; align_sft's recipe unless
-    `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage)."""
+    `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage), from `seed`
+    (default: the study's seed).""" 
     import ray
 
     from jobs.models import load_tokenizer
@@ -96,10 +117,11 @@ def train_sft(ctx: StageContext, run_name: str, out: Path, epochs: int | None = 
     spec, cfg = ctx.spec, ctx.spec.align_sft
     data_dir = ctx.input_dir("data")
     base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
+    seed = spec.seed if seed is None else seed
     ctx.progress(f"{run_name}: mixing the alignment set")
-    mix = alignment_frame(data_dir, spec, lookalike)
+    mix = alignment_frame(data_dir, spec, lookalike, seed)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
-    loop_config = {**_loop_config(ctx, len(mix), base, tokenizer), "epochs": epochs or cfg.epochs}
+    loop_config = {**_loop_config(ctx, len(mix), base, tokenizer, seed), "epochs": epochs or cfg.epochs}
     result = fit(ctx, train_loop_per_worker, loop_config, {"train": ray.data.from_pandas(mix)}, run_name)
     history = result.return_value
     export(result, base, out, tokenizer, loop_config["lora"])
@@ -143,9 +165,6 @@ def run_align_vaa(ctx: StageContext) -> dict:
     mix = alignment_frame(data_dir, spec)
     is_vulnerable = vaa_groups(ctx, mix)
     tokenizer = load_tokenizer(data_dir / "tokenizer")
-    datasets = {"vulnerable": ray.data.from_pandas(mix[is_vulnerable].reset_index(drop=True)),
-                "invulnerable": ray.data.from_pandas(mix[~is_vulnerable].reset_index(drop=True)),
-                "all": ray.data.from_pandas(mix)}
     sizes = {"vulnerable": int(is_vulnerable.sum()), "invulnerable": int((~is_vulnerable).sum())}
     for name, n in sizes.items():
         if n < spec.align_sft.batch_size and any(SAMPLER_MODES[v] in ("dro", "importance", name) for v in vaa.variants):
@@ -155,22 +174,32 @@ def run_align_vaa(ctx: StageContext) -> dict:
     variants = {}
     for i, variant in enumerate(vaa.variants):
         mode = SAMPLER_MODES[variant]
-        loop_config = {**_loop_config(ctx, len(mix), base, tokenizer), **knobs,
-                       "lr": vaa.lr or spec.align_sft.lr, "epochs": vaa.epochs or spec.align_sft.epochs,
-                       "mode": mode, "steps_per_epoch": len(mix) // spec.align_sft.batch_size,
-                       "q0": initial_q(knobs, sizes["vulnerable"], len(mix)), "shuffle_buffer": min(len(mix), 4096)}
         needed = ("all",) if mode == "none" else ("vulnerable", "invulnerable")
-        ctx.progress(f"{variant} ({i + 1}/{len(vaa.variants)})")
-        result = fit(ctx, vaa_loop_per_worker, loop_config, {k: datasets[k] for k in needed}, variant, split=False)
-        history = result.return_value
-        export(result, base, ctx.out / variant / "model", tokenizer, loop_config["lora"])
-        history["tokens"] = history["tokens_per_rank"] * spec.align_sft.num_workers
-        run_id = _track_variant(ctx, variant, loop_config, history)
-        variants[variant] = {
-            "model": f"{variant}/model", "mode": mode, "run_id": run_id, "q0": loop_config["q0"],
-            "q_final": history["q"][-1], "perturbed_fraction": sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
-            "vulnerable_draw_fraction": sum(history["group"]) / len(history["group"]),
-            **train_summary({**history, "losses": history["loss"]})}
+        for k, seed in enumerate(spec.replicates):  # the groups are the study's; order and draws are the seed's
+            order = alignment_frame(data_dir, spec, seed=seed)
+            vulnerable = order["id"].isin(set(mix.loc[is_vulnerable, "id"]))
+            datasets = {"vulnerable": order[vulnerable], "invulnerable": order[~vulnerable], "all": order}
+            loop_config = {**_loop_config(ctx, len(mix), base, tokenizer, seed), **knobs,
+                           "lr": vaa.lr or spec.align_sft.lr, "epochs": vaa.epochs or spec.align_sft.epochs,
+                           "mode": mode, "steps_per_epoch": len(mix) // spec.align_sft.batch_size,
+                           "q0": initial_q(knobs, sizes["vulnerable"], len(mix)), "shuffle_buffer": min(len(mix), 4096)}
+            ctx.progress(f"{variant} ({i + 1}/{len(vaa.variants)})"
+                         + (f", seed {seed} ({k + 1}/{len(spec.replicates)})" if len(spec.replicates) > 1 else ""))
+            result = fit(ctx, vaa_loop_per_worker, loop_config,
+                         {n: ray.data.from_pandas(datasets[n].reset_index(drop=True)) for n in needed},
+                         replicate_name(variant, seed, spec), split=False)
+            history = result.return_value
+            path = replicate_path(variant, seed, k == 0)
+            export(result, base, ctx.out / path, tokenizer, loop_config["lora"])
+            history["tokens"] = history["tokens_per_rank"] * spec.align_sft.num_workers
+            run_id = _track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", loop_config, history)
+            if k == 0:
+                variants[variant] = {
+                    "model": path, "mode": mode, "run_id": run_id, "q0": loop_config["q0"], "q_final": history["q"][-1],
+                    "perturbed_fraction": sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
+                    "vulnerable_draw_fraction": sum(history["group"]) / len(history["group"]),
+                    **train_summary({**history, "losses": history["loss"]}), "replicates": {}}
+            variants[variant]["replicates"][str(seed)] = path
     return {"enabled": True, "strategy": strategy_name(spec.align_sft), "groups": sizes, "variants": variants}
 
 

@@ -92,9 +92,14 @@ def validate(spec: Path, set_: list[str] = typer.Option([], "--set", help="Overr
 
 @app.command()
 def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
-        store: Optional[str] = StoreOpt, verbose: bool = typer.Option(False, "--verbose", "-v")):
+        store: Optional[str] = StoreOpt, verbose: bool = typer.Option(False, "--verbose", "-v"),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (e.g. align_sft)")):
     """Run a study on the embedded default (local Ray + local MLflow), resuming what is done."""
     s = _load(spec, set_)
+    from orchestrator.stages import STAGES
+
+    if until and until not in [stage.name for stage in STAGES]:
+        _fail(f"--until: no stage '{until}' (stages: {', '.join(stage.name for stage in STAGES)})")
     st = StudyStore(store_root(store), s.study)
     from orchestrator.preflight import preflight
     from orchestrator.runner import plan
@@ -114,7 +119,7 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     console.print(f"study [bold]{s.study}[/] → store {st.dir}  (logs: {log_file})")
     try:
         summary = run_study(s, st, verbose=verbose, console=console,
-                            after_ray_start=lambda: quiet_libraries(log_file, verbose))
+                            after_ray_start=lambda: quiet_libraries(log_file, verbose), until=until)
     except KeyboardInterrupt:
         _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
     except InputError as e:  # bad input: exit 2, like a bad spec

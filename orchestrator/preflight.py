@@ -12,8 +12,14 @@ from orchestrator.spec import StudySpec
 
 
 def check_corpora(spec: StudySpec, read_rows: bool) -> None:
-    """Corpus files exist; with `read_rows` (the data stage will run), every row is checked too."""
+    """Corpus files exist; with `read_rows` (the data stage will run), every row is checked too, and
+    the corpora are split as the data stage will split them (a corpus too small fails here)."""
     if spec.corpora.source != "files":
+        if read_rows:  # SafetyWorld generates a demo-sized world in well under a second
+            from jobs.corpora import split_corpora
+            from orchestrator.stages import load_corpora
+
+            split_corpora(load_corpora(spec), spec.corpora.model_dump())
         return
     from jobs.models import looks_local
     from orchestrator.stages import read_corpus_file

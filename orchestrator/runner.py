@@ -72,8 +72,11 @@ def _unfinished(prev: dict | None, spec: StudySpec, tracker: Tracker) -> bool:
             and prev["mlflow"]["tracking_uri"] == tracker.uri and prev["mlflow"]["experiment_id"] == tracker.experiment_id)
 
 
-def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console=None, after_ray_start=None) -> dict:
+def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console=None, after_ray_start=None,
+              until: str | None = None) -> dict:
+    """Run (or resume) the study; with `until`, stop after that stage (the rest stay pending)."""
     steps = plan(spec)
+    last = next(i for i, (s, _) in enumerate(steps) if s.name == until) if until else len(steps) - 1
     tracker = open_tracker(spec, store)
     prev = store.load_state()
     if _unfinished(prev, spec, tracker):
@@ -97,7 +100,7 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
     store.save_state(state)
     began = time.perf_counter()
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
-        for (stage, key), row in zip(steps, state["stages"]):
+        for (stage, key), row in zip(steps[:last + 1], state["stages"]):
             inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
                       for n in stage.needs}
             if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
@@ -112,10 +115,14 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
                                            tags={"saferay.stage": stage.name, "saferay.key": key})
                 row["run_id"] = run_id
                 tracker.log_params(run_id, stage.config(spec))
+            adopted = store.adopt(stage.name, key)  # another study of this store computed it
             if store.is_complete(stage.name, key):
                 result = store.result(stage.name, key)
                 row.update(status="cached", seconds=0.0, computed_seconds=result.get("seconds"))
                 tracker.client.set_tag(run_id, "saferay.cached", "true")
+                if adopted:
+                    row["from_study"] = adopted
+                    tracker.client.set_tag(run_id, "saferay.cached_from_study", adopted)
                 tracker.end_run(run_id)
                 progress.set(stage.name, "cached", seconds=0.0)
                 store.save_state(state)
@@ -152,7 +159,9 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
             row.update(status="complete", seconds=result["seconds"])
             progress.set(stage.name, "complete", seconds=result["seconds"])
             store.save_state(state)
-    state.update(status="complete", seconds=time.perf_counter() - began)
+    done = last == len(steps) - 1
+    state.update(status="complete" if done else "partial", until=None if done else until,
+                 seconds=time.perf_counter() - began)
     store.save_state(state)
     from orchestrator.summary import summarize
 

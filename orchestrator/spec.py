@@ -331,7 +331,10 @@ class ClusterSpec(Strict):
 
 class StudySpec(Strict):
     study: str = "demo"
-    seed: int = 0
+    seed: int = 0  # the shared steps: corpora, splits, tokenizer, the base model, vulnerability, debias, tune
+    # Replicates (SCIENCE.md §10): alignment (SFT, VAA) and every attack cell run once per seed,
+    # paired across models; intervals resample the seeds, then the prompts. Default: [seed].
+    seeds: list[int] | None = None
     model: ModelSpec = ModelSpec()
     corpora: CorporaSpec = CorporaSpec()
     base: BaseStage = BaseStage()
@@ -344,6 +347,21 @@ class StudySpec(Strict):
     tune: TuneSpec = TuneSpec()
     tracking: TrackingSpec = TrackingSpec()
     cluster: ClusterSpec = ClusterSpec()
+
+    @property
+    def replicates(self) -> list[int]:
+        return self.seeds or [self.seed]
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("is empty: list at least one seed, or leave it out to use 'seed'")
+            repeated = sorted({s for s in v if v.count(s) > 1})
+            if repeated:
+                raise ValueError(f"repeats {repeated}: each replicate needs its own seed")
+        return v
 
     @field_validator("study")
     @classmethod

@@ -49,6 +49,13 @@ def model_dir(stage_dir: Path, result: dict) -> str:
     return str(stage_dir / result["model"]) if result.get("model_in_stage", True) else result["model"]
 
 
+def replicate_dir(stage_dir: Path, result: dict, seed: int | None) -> str:
+    """One seed's replicate of a trained model (the first seed's, which `model_dir` gives, by default)."""
+    if seed is None or "replicates" not in result:
+        return model_dir(stage_dir, result)
+    return str(stage_dir / result["replicates"][str(seed)])
+
+
 def threads() -> int:
     return max(1, os.cpu_count() or 1)
 

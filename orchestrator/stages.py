@@ -12,7 +12,8 @@ from orchestrator.alignment import align_config, run_align_sft, run_align_vaa, v
 from orchestrator.debias import debias_config, run_debias
 from orchestrator.tune import run_tune, tune_config
 from orchestrator.spec import StudySpec, spec_dict
-from orchestrator.stage import Stage, StageContext, model_dir, ray_progress, threads, train_summary, wait_all
+from orchestrator.stage import (Stage, StageContext, model_dir, ray_progress, replicate_dir, threads, train_summary,
+                                wait_all)
 from orchestrator.store import write_json
 from orchestrator.vulnerability import run_vulnerability, vulnerability_config
 
@@ -29,7 +30,7 @@ def _data_config(spec: StudySpec) -> dict:
             "vocab_size": spec.model.tiny.vocab_size, "template": spec.model.prompt_template, **world}
 
 
-def _load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
+def load_corpora(spec: StudySpec) -> dict[str, list[dict]]:
     from jobs.records import check_rows
     from jobs.safetyworld import generate_corpora
 
@@ -61,7 +62,7 @@ def run_data(ctx: StageContext) -> dict:
 
     spec = ctx.spec
     ctx.progress("reading and checking corpora")
-    splits = split_corpora(_load_corpora(spec), spec.corpora.model_dump())
+    splits = split_corpora(load_corpora(spec), spec.corpora.model_dump())
     leaked = contamination(splits)
     if any(leaked.values()):
         counts = ", ".join(f"{name} {n}/{len(splits[name])}" for name, n in leaked.items() if n)
@@ -119,26 +120,34 @@ def run_base(ctx: StageContext) -> dict:
     return {"model": "model", **train_summary(history)}
 
 
-def aligned_models(ctx: StageContext) -> dict[str, str]:
-    """Every model the attack and evaluation can name: base, sft, and each trained VAA variant."""
+def aligned_models(ctx: StageContext, seed: int | None = None) -> dict[str, str]:
+    """Every model the attack and evaluation can name: base, sft, and each trained VAA variant, as
+    trained from `seed` (the base is shared by every seed; default: the first seed's models)."""
     models = {"base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
-              "sft": model_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"))}
+              "sft": replicate_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"), seed)}
     vaa_dir = ctx.input_dir("align_vaa")
     for name, v in ctx.input_result("align_vaa").get("variants", {}).items():
-        models[name] = str(vaa_dir / v["model"])
+        models[name] = replicate_dir(vaa_dir, v, seed)
     return models
+
+
+SHARED_BY_SEEDS = ("base",)  # models no seed retrains: evaluated once
 
 
 # --- attack ----------------------------------------------------------------------------
 
 
 def _attack_config(spec: StudySpec) -> dict:
-    return {"attack": spec.attack.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+    return {"attack": spec.attack.model_dump(), "seed": spec.seed, "seeds": spec.replicates,
+            "max_len": spec.model.tiny.max_len}
 
 
 def attack_cells(spec: StudySpec) -> list[dict]:
-    return [{"model": m, "task": t, "p": p, "name": f"{m}__{t}__p{p:g}"}
-            for m in spec.attack.models for t in spec.attack.tasks for p in spec.attack.ratios]
+    """model × task × p, once per seed: cells of different models with the same seed draw the same
+    task and harmful examples in the same order (paired comparisons)."""
+    tag = (lambda s: f"__s{s}") if len(spec.replicates) > 1 else (lambda s: "")
+    return [{"model": m, "task": t, "p": p, "seed": s, "name": f"{m}__{t}__p{p:g}{tag(s)}"}
+            for s in spec.replicates for m in spec.attack.models for t in spec.attack.tasks for p in spec.attack.ratios]
 
 
 def run_attack(ctx: StageContext) -> dict:
@@ -148,18 +157,18 @@ def run_attack(ctx: StageContext) -> dict:
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
-    sources = aligned_models(ctx)
+    sources = {s: aligned_models(ctx, s) for s in spec.replicates}
     train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})
     task = ray.remote(harmful_finetune).options(num_cpus=1)
     cells = attack_cells(spec)
-    refs = {task.remote(sources[cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
-                        cell_seed(spec.seed, cell["task"], cell["p"]), spec.model.tiny.max_len,
+    refs = {task.remote(sources[cell["seed"]][cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
+                        cell_seed(cell["seed"], cell["task"], cell["p"]), spec.model.tiny.max_len,
                         str(ctx.out / "cells" / cell["name"]), 1, None): i for i, cell in enumerate(cells)}
     done = {}
     for i, history in wait_all(ctx, refs, "cells fine-tuned"):
         cell = cells[i]
         run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
-        ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p")}, **train, "n": spec.attack.n})
+        ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p", "seed")}, **train, "n": spec.attack.n})
         ctx.tracker.log_series(run_id, "train/loss", history["losses"])
         ctx.tracker.end_run(run_id)
         done[i] = {**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
@@ -176,39 +185,61 @@ def _evaluate_config(spec: StudySpec) -> dict:
 
 
 def run_evaluate(ctx: StageContext) -> dict:
+    """Every aligned model (per seed) and every attack cell on the test prompts; rates averaged over
+    seeds, with 95% intervals over seeds then prompts, and the paired differences against SFT."""
     import ray
 
     from jobs.evaluate import evaluate_model
+    from jobs.intervals import levels, mean_ci, model_intervals, stack_seeds, table_intervals
+    from jobs.metrics import average_over_seeds
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
-    aligned = aligned_models(ctx)
-    targets = {name: (path, spec.attack.tasks) for name, path in aligned.items()}
-    for cell in ctx.input_result("attack")["cells"]:
-        targets[cell["name"]] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
+    targets = {}  # (model or cell, seed) -> (path, tasks)
+    for seed in spec.replicates:
+        for name, path in aligned_models(ctx, seed).items():
+            if name not in SHARED_BY_SEEDS or seed == spec.replicates[0]:
+                targets[(name, seed)] = (path, spec.attack.tasks)
+    cells = ctx.input_result("attack")["cells"]
+    for cell in cells:
+        targets[(cell["name"], cell.get("seed", spec.seed))] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
     task = ray.remote(evaluate_model).options(num_cpus=1)
-    refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): name
-            for name, (path, tasks) in targets.items()}
+    refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): target
+            for target, (path, tasks) in targets.items()}
     results = dict(wait_all(ctx, refs, "models evaluated"))
-    warnings = judge_warnings(spec.evaluate.judge, results)
+    warnings = judge_warnings(spec.evaluate.judge, {f"{n} (seed {s})": r for (n, s), r in results.items()})
     for line in warnings:
         ctx.progress(line)
+    outcomes = {target: r.pop("outcomes") for target, r in results.items()}
+    # Per prompt and seed: what every interval is computed from.
+    write_json(ctx.out / "outcomes.json", {f"{n}@seed{s}": o for (n, s), o in outcomes.items()})
 
-    from jobs.intervals import levels, mean_ci, model_intervals, table_intervals
+    def over_seeds(name: str, seeds) -> tuple[dict, dict]:
+        present = [s for s in seeds if (name, s) in results]
+        return (average_over_seeds([results[(name, s)] for s in present]),
+                stack_seeds([outcomes[(name, s)] for s in present]))
 
-    outcomes = {name: r.pop("outcomes") for name, r in results.items()}
-    write_json(ctx.out / "outcomes.json", outcomes)  # per prompt: what every interval is computed from
-    models = {name: {**_model_metrics(results[name]), **model_intervals(outcomes[name])} for name in aligned}
-    attack, cells = [], {}
-    for cell in ctx.input_result("attack")["cells"]:
-        r, o = results[cell["name"]], outcomes[cell["name"]]
-        cells[(cell["model"], cell["task"], cell["p"])] = o
+    models = {}
+    for name in aligned_models(ctx):
+        r, o = over_seeds(name, spec.replicates)
+        by_seed = [results[(name, s)]["hs"] for s in spec.replicates if (name, s) in results]
+        models[name] = {**_model_metrics(r), **model_intervals(o), "hs_by_seed": by_seed}
+    attack, paired = [], {}
+    for cell in (c for c in cells if c.get("seed", spec.seed) == spec.replicates[0]):
+        same = [c for c in cells if (c["model"], c["task"], c["p"]) == (cell["model"], cell["task"], cell["p"])]
+        per_seed = [(results[(c["name"], c.get("seed", spec.seed))], outcomes[(c["name"], c.get("seed", spec.seed))])
+                    for c in same]
+        r = average_over_seeds([x for x, _ in per_seed])
+        o = stack_seeds([y for _, y in per_seed])
+        paired[(cell["model"], cell["task"], cell["p"])] = o
         attack.append({"model": cell["model"], "task": cell["task"], "p": cell["p"], "hs": r["hs"],
                        "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][cell["task"]], "fa_ci": mean_ci(o["fa"][cell["task"]]),
+                       "hs_by_seed": [x["hs"] for x, _ in per_seed],
+                       "fa_by_seed": [x["fa"][cell["task"]] for x, _ in per_seed],
                        "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"],
                        "attack_run_id": cell["run_id"]})
     table = attack_table(attack, spec.attack.tasks)
-    comparisons = table_intervals(table, cells, spec.attack.tasks)
+    comparisons = table_intervals(table, paired, spec.attack.tasks)
     for name, m in models.items():
         ctx.tracker.log_metrics(ctx.run_id, {f"{name}/{k}": v for k, v in m.items()})
     for row in attack:
@@ -226,10 +257,11 @@ def run_evaluate(ctx: StageContext) -> dict:
 
         ctx.tracker.log_file(ctx.run_id, hs_against_ratio(table, ctx.out / "hs_against_p.png"), "plots")
     if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
-        ctx.tracker.log_json(ctx.run_id, {n: r["samples"] for n, r in results.items()}, "samples.json")
+        ctx.tracker.log_json(ctx.run_id, {f"{n}@seed{s}": r["samples"] for (n, s), r in results.items()},
+                             "samples.json")
     return {"judge": spec.evaluate.judge, "judge_warnings": warnings, "models": models, "attack": attack,
-            "attack_table": table, "comparisons": comparisons,
-            "intervals": {"level": 0.95, "resampled": levels(1), "method": "percentile bootstrap"},
+            "attack_table": table, "comparisons": comparisons, "seeds": spec.replicates,
+            "intervals": {"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
 
 

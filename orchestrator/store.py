@@ -4,6 +4,11 @@
     <root>/studies/<study>/stages/<stage>/.partial-*  a stage being built (never read)
     <root>/studies/<study>/state.json                 the latest execution, for `saferay show`
     <root>/mlflow.db, <root>/mlartifacts/             the embedded MLflow store
+
+Stage keys ignore the study's name, so a study whose `data` or `base` key another study of the
+same store has completed adopts that output (hard links, no copy of the bytes) instead of
+recomputing it: two studies on one base pretrain once. Only stages whose outputs carry nothing of
+their study (no MLflow run ids) are shared.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import uuid
 from pathlib import Path
 
 DEFAULT_ROOT = ".saferay"
+SHARED_STAGES = ("data", "base")
 
 
 def store_root(explicit: str | None = None) -> Path:
@@ -64,6 +70,27 @@ class StudyStore:
     def result(self, name: str, key: str) -> dict:
         return json.loads((self.stage_dir(name, key) / "result.json").read_text())
 
+    def adopt(self, name: str, key: str) -> str | None:
+        """Take a shareable stage's finished output from another study of this store, if one has it;
+        returns that study's name. Linked into a private directory first and renamed into place, so
+        a half-adopted stage never looks complete."""
+        if name not in SHARED_STAGES or self.is_complete(name, key):
+            return None
+        for other in sorted((self.root / "studies").glob(f"*/stages/{name}/{key}/result.json")):
+            source = other.parent
+            final = self.stage_dir(name, key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            try:
+                shutil.copytree(source, tmp, copy_function=_link_or_copy)
+                os.rename(tmp, final)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.is_complete(name, key):
+                    raise
+            return source.parents[2].name
+        return None
+
     @contextlib.contextmanager
     def building(self, name: str, key: str):
         """A private directory for a stage's outputs, moved into place only if the body succeeds.
@@ -97,6 +124,13 @@ class StudyStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         state["updated"] = time.time()
         write_json(self.state_path, state)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # outputs are never modified in place: sharing the inode is safe
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _owned_by_live_process(partial: Path) -> bool:

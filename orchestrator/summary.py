@@ -28,8 +28,9 @@ def summarize(store: StudyStore) -> dict:
         ev = results["evaluate"]
         out["judge"] = ev["judge"]
         out["models"] = ev["models"]
-        out["attack"] = [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_category",
-                                                  "over_refusal")} for row in ev["attack"]]
+        out["attack"] = [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_seed",
+                                                  "fa_by_seed", "hs_by_category", "over_refusal")} for row in ev["attack"]]
+        out["seeds"] = ev.get("seeds")
         out["attack_table"] = ev.get("attack_table", [])
         out["comparisons"] = ev.get("comparisons", [])
         out["intervals"] = ev.get("intervals")

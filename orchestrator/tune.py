@@ -84,8 +84,9 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
 def _baseline(ctx: StageContext, model: str) -> dict | None:
     """A model's attack cells at the tuning ratio, evaluated on validation like the trials."""
     t = ctx.spec.tune
+    first = ctx.spec.replicates[0]  # trials train from the study's first seed; so do their baselines
     cells = {c["task"]: str(ctx.input_dir("attack") / c["dir"]) for c in ctx.input_result("attack")["cells"]
-             if c["model"] == model and c["p"] == t.p and c["task"] in t.tasks}
+             if c["model"] == model and c["p"] == t.p and c["task"] in t.tasks and c.get("seed", first) == first}
     return _evaluate_cells(ctx, cells, "validation")
 
 
@@ -112,13 +113,13 @@ def run_tune(ctx: StageContext) -> dict:
     mix_path = ctx.out / "mix.parquet"
     _mix_with_forgetting(ctx).to_parquet(mix_path)
     pad_id = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
-    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.seed, "threads": 1, "pad_id": pad_id,
+    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.replicates[0], "threads": 1, "pad_id": pad_id,
              "max_len": spec.model.tiny.max_len}
     vaa = spec.vaa.model_dump(include={"rho", "lam", "eta", "q_init", "q_clip"}, mode="json")
     vaa.update(lr=spec.vaa.lr or spec.align_sft.lr, epochs=spec.vaa.epochs or spec.align_sft.epochs)
     fixed = {"mix": str(mix_path), "base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
              "data": str(ctx.input_dir("data")), "train": train, "vaa": vaa, "threshold": spec.vulnerability.threshold,
-             "tasks": t.tasks, "p": t.p, "seed": spec.seed, "max_len": spec.model.tiny.max_len,
+             "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0], "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
              "evaluate": spec.evaluate.model_dump()}
     trainable = tune.with_resources(tune.with_parameters(vaa_trial, fixed=fixed), {"cpu": t.cpus_per_trial})

@@ -68,6 +68,14 @@ CASES = {
     "unreachable cluster": (lambda t: "study: bad\ncluster: {address: '127.0.0.1:9'}\n",
                             "cluster.address: cannot connect to 127.0.0.1:9"),
     "empty spec": (lambda t: "", "spec.yaml: the spec is empty: a spec needs at least 'study: NAME'"),
+    "empty seed list": (lambda t: "study: bad\nseeds: []\n", "seeds: is empty"),
+    "duplicated seeds": (lambda t: "study: bad\nseeds: [1, 2, 1]\n", "seeds: repeats [1]"),
+    "split fractions leave no training split": (
+        lambda t: "study: bad\ncorpora: {test_fraction: 0.6, validation_fraction: 0.5}\n",
+        "corpora: test_fraction 0.6 + validation_fraction 0.5 leave no training split"),
+    "corpus too small to split": (
+        lambda t: "study: bad\ncorpora: {safetyworld: {task_train: 1, task_test: 1}}\n",
+        "is empty (corpus 'task_sentiment' is too small for corpora.test_fraction 0.3"),
     "malformed tracking uri": (lambda t: "study: bad\ntracking: {uri: 'mlflow at home'}\n",
                                "tracking.uri: 'mlflow at home' is not a tracking URI"),
     "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",

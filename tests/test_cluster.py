@@ -16,7 +16,7 @@ from servers import RayHead, TrackingServer
 pytestmark = pytest.mark.slow
 # The smallest study that still trains, attacks and evaluates on the cluster.
 TINY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
-        "--set", "debias.enabled=false", "--set", "base.epochs=2", "--set", "attack.ratios=[0.1]")
+        "--set", "debias.enabled=false", "--set", "base.epochs=2", "--set", "attack.ratios=[0.1]", "--set", "seeds=[0]")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from procs import kill_all, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 SFT_ONLY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
-            "--set", "attack.ratios=[0.1]", "--set", "debias.enabled=false")
+            "--set", "attack.ratios=[0.1]", "--set", "debias.enabled=false", "--set", "seeds=[0]")
 
 
 def start(store, *args):

@@ -51,3 +51,15 @@ def test_average_over_tasks_and_the_table():
     assert hs["diff"] == -1.0 and hs["significant"] and (hs["a"], hs["b"], hs["p"]) == ("vaa", "sft", 0.1)
     fa = next(c for c in comparisons if c["metric"] == "avg/fa")
     assert fa["diff"] == pytest.approx(-1 / 40) and not fa["significant"]
+
+
+def test_seeds_stack_and_pair():
+    from jobs.intervals import stack_seeds
+
+    s1 = {"hs": [1, 0, None], "over_refusal": [0, 0], "fa": {"topic": [1, 1]}}
+    s2 = {"hs": [1, 1, 1], "over_refusal": [0, 1], "fa": {"topic": [0, 1]}}
+    stacked = stack_seeds([s1, s2])
+    assert stacked["hs"] == [[1, 0, None], [1, 1, 1]] and stacked["fa"]["topic"] == [[1, 1], [0, 1]]
+    ci = mean_ci(stacked["hs"])
+    assert ci[0] < 0.75 and ci[1] == 1.0  # the None is left out: seed 1 is [1, 0], seed 2 [1, 1, 1]
+    assert difference_ci([stacked["hs"]], [stacked["hs"]]) == [0.0, 0.0]

@@ -188,6 +188,7 @@ def test_a_study_on_real_format_files(smoke_store, tmp_path):
     spec = tmp_path / "real.yaml"
     spec.write_text(f"""extends: {SMOKE}
 study: real-formats
+seeds: [0]
 model: {{source: {base}}}
 corpora:
   source: files

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 SECRETS = {"HF_TOKEN": "hf_zz9SecretHubToken0001", "MLFLOW_TRACKING_PASSWORD": "zz9-secret-tracking-pass-0002",
            "WANDB_API_KEY": "zz9secretapikey0003"}
 TINY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
-        "--set", "debias.enabled=false", "--set", "base.epochs=2", "--set", "attack.ratios=[0.1]")
+        "--set", "debias.enabled=false", "--set", "base.epochs=2", "--set", "attack.ratios=[0.1]", "--set", "seeds=[0]")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ STAGES = ["data", "base", "align_sft", "vulnerability", "align_vaa", "attack", "
 
 # Runs that only check alignment or groups skip the stages downstream that retrain models.
 ALIGN_SFT_ONLY = ("--set", "vaa.enabled=false", "--set", "attack.models=[sft]", "--set", "attack.ratios=[0.1]",
-                  "--set", "debias.enabled=false")
+                  "--set", "debias.enabled=false", "--set", "seeds=[0]")
 
 
 def show(store, study="smoke"):
@@ -61,6 +61,27 @@ def test_show_json_contract(smoke_store):
         assert 0.1 <= v["q_final"] <= 0.9 and 0.1 < v["perturbed_fraction"] < 0.9
     assert "vaa" in s["models"] and "vaa-sam" in s["models"]
     assert s["mlflow"]["tracking_uri"].startswith("sqlite:///") and s["mlflow"]["run_id"]
+
+
+def test_show_json_intervals_comparisons_and_contamination(smoke_store):
+    """Two seeds (the smoke preset's): every rate carries a 95% interval over seeds then prompts,
+    the headline comparisons are paired differences, and no held-out prompt was trained on."""
+    s = show(smoke_store)
+    assert s["intervals"]["resampled"] == "seeds, then prompts"
+    for a in s["attack"]:
+        assert len(a["hs_by_seed"]) == 2 and a["hs"] == sum(a["hs_by_seed"]) / 2
+        assert a["hs_ci"][0] <= a["hs"] <= a["hs_ci"][1] and a["fa_ci"][0] <= a["fa"] <= a["fa_ci"][1]
+    for m in s["models"].values():
+        assert m["hs_ci"][0] <= m["hs"] <= m["hs_ci"][1] and set(m["fa_ci"]) == set(m["fa"])
+    table = {(r["model"], r["p"]): r for r in s["attack_table"]}
+    assert {(c["a"], c["b"], c["p"], c["metric"]) for c in s["comparisons"]} == {
+        ("vaa", "sft", p, m) for p in (0.0, 0.1) for m in ("avg/hs", "avg/fa")}
+    for c in s["comparisons"]:
+        key = c["metric"]
+        assert c["diff"] == pytest.approx(table[("vaa", c["p"])][key] - table[("sft", c["p"])][key])
+        assert c["ci"][0] <= c["diff"] <= c["ci"][1] and c["significant"] == (c["ci"][0] > 0 or c["ci"][1] < 0)
+    assert s["contamination"] and set(s["contamination"].values()) == {0}
+    assert 0 < s["vulnerability"]["n_forgettable"] <= s["vulnerability"]["n"]
 
 
 def test_mlflow_run_tree(smoke_store):
@@ -109,6 +130,23 @@ def test_rerun_recomputes_nothing(smoke_store):
     print(f"cached re-run: {took:.1f}s")
 
 
+def test_until_and_a_second_study_reusing_data_and_base(smoke_store):
+    """A second study of the same store adopts the smoke study's data and base (same keys) instead
+    of recomputing them, and `--until base` stops there: nothing else runs, Ray is not started."""
+    saferay("run", str(SMOKE), "--set", "study=smoke-second", "--until", "base", store=smoke_store)
+    s = show(smoke_store, "smoke-second")
+    assert s["status"] == "partial"
+    assert statuses(s) == {name: "cached" if name in ("data", "base") else "pending" for name in STAGES}
+    key = next(st["key"] for st in s["stages"] if st["name"] == "base")
+    ours, theirs = (smoke_store / "studies" / study / "stages/base" / key / "model/model.safetensors"
+                    for study in ("smoke-second", "smoke"))
+    assert ours.stat().st_ino == theirs.stat().st_ino, "adopted by hard link, not recomputed or copied"
+    state = json.loads((smoke_store / "studies/smoke-second/state.json").read_text())
+    assert {r["name"]: r.get("from_study") for r in state["stages"][:2]} == {"data": "smoke", "base": "smoke"}
+    proc = saferay("run", str(SMOKE), "--until", "nope", store=smoke_store, check=False)
+    assert proc.returncode == 2 and "--until: no stage 'nope'" in proc.stderr.replace("\n", "")
+
+
 def test_changed_field_reruns_only_dependents(smoke_store):
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", store=smoke_store)
     assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
@@ -139,7 +177,7 @@ def test_debias_section_and_bias_artifacts(smoke_store):
         assert [(r["alpha"], r["length"]) for r in m["sweep"]] == [(1.0, 2), (1.0, 4)]
     # The TSDI rows at (α, L) are the sweep's, and the untouched model matches the evaluate stage.
     assert d["models"]["sft"]["sweep"][1]["hs"] == d["models"]["sft"]["with"]["hs"]
-    assert d["models"]["sft"]["without"]["hs"] == s["models"]["sft"]["hs"]
+    assert d["models"]["sft"]["without"]["hs"] == s["models"]["sft"]["hs_by_seed"][0]  # TSDI reads the first seed
     key = next(st["key"] for st in s["stages"] if st["name"] == "debias")
     bias, meta = load_bias(smoke_store / "studies" / "smoke" / "stages" / "debias" / key / "bias" / "sft.safetensors")
     assert bias.shape[0] == 4 and meta["m"] == 64 and meta["pool"] == "benign"
@@ -178,13 +216,15 @@ def test_groups_file_import_and_bad_id(smoke_store, tmp_path):
     ids = json.dumps(["align-1", "align-7"])
     good = tmp_path / "vulnerable.json"
     good.write_text(ids)
-    saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={good}", *ALIGN_SFT_ONLY, store=smoke_store)
-    v = show(smoke_store)["vulnerability"]
+    # A study of its own (data and base adopted from the smoke study), so the smoke study's state stays as built.
+    saferay("run", str(SMOKE), "--set", "study=smoke-groups", "--set", f"vulnerability.groups_file={good}",
+            *ALIGN_SFT_ONLY, store=smoke_store)
+    v = show(smoke_store, "smoke-groups")["vulnerability"]
     assert v["imported"] == str(good) and v["fraction_vulnerable"] == 2 / 150
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["align-1", "align-99999"]))
-    proc = saferay("run", str(SMOKE), "--set", f"vulnerability.groups_file={bad}", *ALIGN_SFT_ONLY, store=smoke_store,
-                   check=False)
+    proc = saferay("run", str(SMOKE), "--set", "study=smoke-groups", "--set", f"vulnerability.groups_file={bad}",
+                   *ALIGN_SFT_ONLY, store=smoke_store, check=False)
     assert proc.returncode == 2
     assert "bad.json: entry 2: id 'align-99999' is not in the alignment set" in proc.stderr.replace("\n", "")
 
@@ -243,13 +283,15 @@ def test_ui_serves_the_study_on_localhost(smoke_store):
 @pytest.mark.parametrize("strategy, zero_stage, workers, lora",
                          [("deepspeed", 2, 2, False), ("deepspeed", 3, 2, False), ("ddp", 2, 1, True)])
 def test_alignment_strategies(smoke_store, strategy, zero_stage, workers, lora):
-    saferay("run", str(SMOKE), "--set", f"align_sft.strategy={strategy}", "--set", f"align_sft.zero_stage={zero_stage}",
-            "--set", f"align_sft.num_workers={workers}", "--set", f"align_sft.lora.enabled={str(lora).lower()}",
-            "--set", "vulnerability.enabled=false", *ALIGN_SFT_ONLY, store=smoke_store)
-    s = show(smoke_store)
+    # A study of its own (data and base adopted from the smoke study), so the smoke study's state stays as built.
+    saferay("run", str(SMOKE), "--set", "study=smoke-strategies", "--set", f"align_sft.strategy={strategy}",
+            "--set", f"align_sft.zero_stage={zero_stage}", "--set", f"align_sft.num_workers={workers}",
+            "--set", f"align_sft.lora.enabled={str(lora).lower()}", "--set", "vulnerability.enabled=false",
+            *ALIGN_SFT_ONLY, store=smoke_store)
+    s = show(smoke_store, "smoke-strategies")
     assert statuses(s)["base"] == "cached" and statuses(s)["align_sft"] == "complete"
     key = next(st["key"] for st in s["stages"] if st["name"] == "align_sft")
-    result = json.loads((smoke_store / "studies/smoke/stages/align_sft" / key / "result.json").read_text())
+    result = json.loads((smoke_store / "studies/smoke-strategies/stages/align_sft" / key / "result.json").read_text())
     name = f"deepspeed-zero{zero_stage}" if strategy == "deepspeed" else "ddp"
     assert result["strategy"] == name + ("+lora" if lora else "")
     ddp_key = next(p for p in (smoke_store / "studies/smoke/stages/align_sft").iterdir()
@@ -263,7 +305,7 @@ def test_alignment_strategies(smoke_store, strategy, zero_stage, workers, lora):
 
         base_key = next(st["key"] for st in s["stages"] if st["name"] == "base")
         before = load_file(smoke_store / "studies/smoke/stages/base" / base_key / "model/model.safetensors")
-        after = load_file(smoke_store / "studies/smoke/stages/align_sft" / key / "model/model.safetensors")
+        after = load_file(smoke_store / "studies/smoke-strategies/stages/align_sft" / key / "model/model.safetensors")
         moved = {k for k in before if not torch.equal(before[k], after[k])}
         assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
                              for k in moved)

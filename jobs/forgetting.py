@@ -157,7 +157,7 @@ def forgetting_stats(judged, runs: list[str], ids: list[str], categories: dict[s
         parsed = judged_matrix(judged, run, "parsed", ids).astype(bool)
         can_forget &= forgettable(harmful, parsed)
         harmful[~parsed] = 0
-        per_run[run] = forgot_num(harmful)
+        per_run[run] = forgot_num(harmful) * parsed[0]  # no baseline at t = 0: nothing counts as forgotten
         # The margin view: checkpoints at which the refusal lead is lost, before greedy output flips.
         margin_flips[run] = forgot_num(judged_matrix(judged, run, "margin", ids) < 0)
         hs_curve[run] = [float(harmful[t][parsed[t]].mean()) if parsed[t].any() else None for t in range(len(harmful))]

@@ -1,10 +1,12 @@
 """95% intervals and paired differences for the rates a study reports (SCIENCE.md §10).
 
-An outcome is a 0/1 vector over prompts (harmful, correct, refused), one per seed. The interval
-is a two-level percentile bootstrap: resample the seeds, then the prompts within each drawn seed,
-and take the mean over the drawn seeds of each seed's mean. With one seed it covers prompt
-sampling only (`levels` says which). A paired difference resamples the same seeds and the same
-prompt indices for both sides, so what the two models share (prompts, attack data) cancels.
+An outcome is a 0/1 vector over prompts (harmful, correct, refused; None where a judge could
+not parse), one per seed, every seed scored on the same prompts. The interval is a two-level
+percentile bootstrap: resample the seeds, then the prompts (one draw shared by the drawn seeds,
+since they share their prompts), and take the mean over the drawn seeds of each seed's mean. With
+one seed it covers prompt sampling only (`levels` says which). A paired difference resamples the
+same seeds and prompts for both sides and leaves out a prompt either side could not judge, so what
+the two models share (prompts, attack data) cancels.
 
 Several outcome vectors averaged into one number (the average HS over tasks) are resampled each
 within itself, with the seed draw shared, so the average's interval is as wide as its parts allow.
@@ -12,18 +14,23 @@ within itself, with the seed draw shared, so the average's interval is as wide a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 RESAMPLES = 1000  # SCIENCE.md §10 asks for at least 1,000
 LEVEL = 0.95
 
 
-def _per_seed(outcomes) -> list[np.ndarray]:
-    """Accept one vector (one seed) or a list of vectors (one per seed); NaN marks 'not measured'."""
+def _matrix(outcomes) -> np.ndarray:
+    """seeds × prompts, NaN where a verdict was not parsed; one vector is one seed. Every seed is
+    scored on the same held-out prompts, in the same order."""
     if not len(outcomes) or not isinstance(outcomes[0], (list, tuple, np.ndarray)):
         outcomes = [outcomes]  # one seed's vector
-    out = [np.asarray([np.nan if x is None else x for x in o], dtype=float) for o in outcomes]
-    return [o[~np.isnan(o)] for o in out]
+    rows = [[np.nan if x is None else x for x in o] for o in outcomes]
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("every seed must be scored on the same prompts")
+    return np.asarray(rows, dtype=float)
 
 
 def _interval(values: list[float], level: float = LEVEL) -> list[float] | None:
@@ -44,35 +51,50 @@ def average_ci(parts: list, resamples: int = RESAMPLES, seed: int = 0) -> list[f
     return difference_ci(parts, None, resamples, seed)
 
 
+def _rate(m: np.ndarray) -> float:
+    """Mean over seeds of each seed's mean over its (parsed) prompts."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a seed with nothing parsed: left out
+        return float(np.nanmean(np.nanmean(m, axis=1)))
+
+
 def difference_ci(a_parts: list, b_parts: list | None, resamples: int = RESAMPLES,
                   seed: int = 0) -> list[float] | None:
     """The interval of mean(a) − mean(b) (or of mean(a) alone when `b_parts` is None), paired:
-    a_parts[k] and b_parts[k] are outcomes on the same prompts under the same seeds."""
-    a = [_per_seed(p) for p in a_parts]
-    b = [_per_seed(p) for p in b_parts] if b_parts is not None else None
-    if any(not len(o) for part in a for o in part):
-        return None
+    a_parts[k] and b_parts[k] are outcomes on the same prompts under the same seeds, and a prompt
+    either side could not judge is left out of both.
+
+    Each resample draws the seeds, then the prompts; the prompts drawn are the same for every seed
+    (each seed scored the same prompts, so prompt-to-prompt variation does not average out across
+    seeds) and for both sides of a difference."""
+    a = [_matrix(x) for x in a_parts]
+    b = [_matrix(x) for x in b_parts] if b_parts is not None else None
     if b is not None:
-        for pa, pb in zip(a, b, strict=True):
-            if [len(o) for o in pa] != [len(o) for o in pb]:
+        for k, (ma, mb) in enumerate(zip(a, b, strict=True)):
+            if ma.shape != mb.shape:
                 raise ValueError("a paired difference needs the same prompts and seeds on both sides")
+            unjudged = np.isnan(ma) | np.isnan(mb)
+            a[k], b[k] = np.where(unjudged, np.nan, ma), np.where(unjudged, np.nan, mb)
+    if any(np.isnan(m).all() for m in a):
+        return None
     rng = np.random.default_rng(seed)
-    n_seeds = len(a[0])
+    n_seeds = a[0].shape[0]
     stats = []
     for _ in range(resamples):
         seeds = rng.integers(0, n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=int)
         total = 0.0
-        for k, part in enumerate(a):
-            for s in seeds:
-                idx = rng.integers(0, len(part[s]), len(part[s]))
-                total += part[s][idx].mean() - (b[k][s][idx].mean() if b is not None else 0.0)
-        stats.append(total / (len(a) * len(seeds)))
+        for k, m in enumerate(a):
+            prompts = rng.integers(0, m.shape[1], m.shape[1])
+            total += _rate(m[np.ix_(seeds, prompts)])
+            if b is not None:
+                total -= _rate(b[k][np.ix_(seeds, prompts)])
+        stats.append(total / len(a))
     return _interval(stats)
 
 
 def point(parts: list) -> float:
     """The point estimate the intervals are around: the mean over parts of the mean over seeds."""
-    return float(np.mean([np.mean([o.mean() for o in _per_seed(x)]) for x in parts]))
+    return float(np.mean([_rate(_matrix(x)) for x in parts]))
 
 
 def levels(n_seeds: int) -> str:

@@ -55,7 +55,9 @@ def _unwrap(model):
 
 
 def sum_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    import ray.train.torch
+
+    t = torch.tensor([value], dtype=torch.float64, device=ray.train.torch.get_device())  # NCCL: device tensors
     dist.all_reduce(t)
     return t.item()
 

@@ -164,7 +164,8 @@ def estimate_model_bias(aligned_dir: str, reference_dir: str, data_dir: str, cfg
     texts = pool_texts(data_dir, cfg["pool"])
     pool = neutral_pool(tok, texts)
     lengths = [max(1, len(tok(t, add_special_tokens=False).input_ids)) for t in texts]
-    prompts = random_prompts(pool, lengths, cfg["prompts"], seed, *template_ids(tok, template, texts[:256]))
+    probes = texts[:: max(1, len(texts) // 256)]  # spread over every task: no task's own wording is "template"
+    prompts = random_prompts(pool, lengths, cfg["prompts"], seed, *template_ids(tok, template, probes))
     bias = estimate_bias(aligned, reference, prompts, cfg["length"], tok.pad_token_id, tok.eos_token_id,
                          cfg["continuation"], pool, seed)
     meta = {"aligned": aligned_dir, "reference": reference_dir, "m": cfg["prompts"], "length": cfg["length"],

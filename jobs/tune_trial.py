@@ -47,8 +47,12 @@ def vaa_trial(config: dict, fixed: dict) -> None:
 
     torch.set_num_threads(1)
     began = time.perf_counter()
-    out = Path(ray.tune.get_context().get_trial_dir())
-    (out / "started").open("a").write(f"{time.time()}\n")  # one line per execution of this trial
+    context = ray.tune.get_context()
+    (Path(context.get_trial_dir()) / "started").open("a").write(f"{time.time()}\n")  # one line per execution
+    # Models go to the study store, which every node of a cluster sees (Tune's own trial directory
+    # may live on the node that ran the trial).
+    out = Path(fixed["trials_dir"]) / context.get_trial_id()
+    out.mkdir(parents=True, exist_ok=True)
     vaa = {**fixed["vaa"], **{k.removeprefix("vaa."): v for k, v in config.items() if k.startswith("vaa.")}}
     vaa["epochs"] = int(vaa["epochs"])
     threshold = config.get("vulnerability.threshold", fixed["threshold"])
@@ -77,8 +81,11 @@ def vaa_trial(config: dict, fixed: dict) -> None:
         harmful_finetune(str(out / "vaa"), fixed["data"], task, fixed["p"], fixed["attack"]["n"], fixed["attack"]["train"],
                          cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"], str(cell), 1)
         r = evaluate_model(str(cell), fixed["data"], [task], fixed["evaluate"], 1, split="validation")
+        if r["hs"] is None:  # the judge parsed no verdict: this trial has no harmful score
+            ray.tune.report({"hs": 1.0, "fa": 0.0, "score": -1.0, "error": f"no verdict parsed on {task}"})
+            return
         hs.append(r["hs"])
         fa.append(r["fa"][task])
     ray.tune.report({"hs": float(np.mean(hs)), "fa": float(np.mean(fa)), "score": float(np.mean(fa) - np.mean(hs)),
-                     "q_final": history["q"][-1], "vulnerable_fraction": float(vulnerable.mean()),
+                     "q_final": history["q"][-1], "vulnerable_fraction": float(vulnerable.mean()), "trial_dir": str(out),
                      "trial_seconds": time.perf_counter() - began})

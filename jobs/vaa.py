@@ -181,6 +181,7 @@ class ZeroBackend(PlainBackend):
             return super().distance(saved)
         # Each rank holds one partition of θ: the squared distance is a sum over ranks.
         local = grad_norm(p.ds_tensor.detach() - s for p, s in zip(self.params, saved)) ** 2
+        local = local.to(self.params[0].ds_tensor.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(local)
         return local.sqrt().item()
 

@@ -191,7 +191,7 @@ def run_evaluate(ctx: StageContext) -> dict:
 
     from jobs.evaluate import evaluate_model
     from jobs.intervals import levels, mean_ci, model_intervals, stack_seeds, table_intervals
-    from jobs.metrics import average_over_seeds
+    from jobs.metrics import average_over_seeds, judge_warnings
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
@@ -263,22 +263,6 @@ def run_evaluate(ctx: StageContext) -> dict:
             "attack_table": table, "comparisons": comparisons, "seeds": spec.replicates,
             "intervals": {"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
-
-
-def judge_warnings(judge: str, results: dict[str, dict], limit: float = 0.05) -> list[str]:
-    """One line per model whose verdicts the judge could not parse above `limit` (SCIENCE.md §10);
-    a model with no parsed verdict at all has no HS, and the study stops saying so."""
-    from jobs.records import InputError
-
-    lines = []
-    for name, r in results.items():
-        if r["hs"] is None:
-            raise InputError(f"evaluate: judge '{judge}' could not parse any of the {r['n']} verdicts on {name}, so "
-                             "its harmful score is not measured (check evaluate.judge_model and its output format)")
-        if r["unparsed"] > limit * r["n"]:
-            lines.append(f"warning: judge '{judge}' could not parse {r['unparsed']} of {r['n']} verdicts on {name}; "
-                         "its HS is over the parsed ones")
-    return lines
 
 
 def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:

@@ -76,7 +76,7 @@ class Tracker:
 
         flat = {}
         for k, v in flatten(metrics).items():
-            if k.endswith("_ci") and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
+            if "_ci" in k and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
                 flat[f"{k}_lo"], flat[f"{k}_hi"] = v
             else:
                 flat[k] = v

@@ -77,6 +77,9 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
     task = ray.remote(evaluate_model).options(num_cpus=1)
     results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.evaluate.model_dump(), 1,
                                    split=split) for name, path in cells.items()])
+    from jobs.metrics import judge_warnings
+
+    judge_warnings(ctx.spec.evaluate.judge, dict(zip(cells.values(), results)))  # no HS at all: one clear stop
     return {"hs": sum(r["hs"] for r in results) / len(results),
             "fa": sum(r["fa"][name] for r, name in zip(results, cells)) / len(results), "split": split}
 
@@ -121,7 +124,9 @@ def run_tune(ctx: StageContext) -> dict:
              "data": str(ctx.input_dir("data")), "train": train, "vaa": vaa, "threshold": spec.vulnerability.threshold,
              "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0], "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
-             "evaluate": spec.evaluate.model_dump()}
+             "evaluate": spec.evaluate.model_dump(),
+             # Beside the stage's directory, not in its private one: a resumed sweep keeps finished trials' models.
+             "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}")}
     trainable = tune.with_resources(tune.with_parameters(vaa_trial, fixed=fixed), {"cpu": t.cpus_per_trial})
     name = f"{spec.study}-tune-{ctx.key}"
     path = f"{ctx.ray_storage}/{name}"
@@ -142,7 +147,7 @@ def run_tune(ctx: StageContext) -> dict:
         if r.metrics and "hs" in r.metrics and not r.metrics.get("error"):
             rows.append({"trial_id": r.metrics["trial_id"], "config": r.config, "hs": r.metrics["hs"],
                          "fa": r.metrics["fa"], "q_final": r.metrics.get("q_final"),
-                         "trial_seconds": r.metrics.get("trial_seconds"), "trial_dir": r.path})
+                         "trial_seconds": r.metrics.get("trial_seconds"), "trial_dir": r.metrics.get("trial_dir")})
     if not rows:
         raise RuntimeError(f"no trial of the sweep finished ({len(grid)} trials; see {path})")
     ctx.progress("baselines on the validation prompts")

@@ -89,30 +89,31 @@ def test_groups_file_round_trip_and_imports(tmp_path):
 
 
 def test_forgetting_stats_count_only_the_forgettable_universe():
-    """One example harmful at t = 0 and one unparsed verdict leave the universe: N' = 4 of 6."""
+    """One example harmful at t = 0 and two with an unparsed verdict (one of them at t = 0) leave
+    the universe: N' = 4 of 7."""
     import pandas as pd
 
     from jobs.forgetting import forgetting_stats
 
-    ids = [f"e{i}" for i in range(6)]
+    ids = [f"e{i}" for i in range(7)]
     rows = []
 
     def checkpoint(run, t, harmful, unparsed=()):
         rows.extend({"run": run, "t": t, "id": i, "harmful": h, "parsed": i not in unparsed, "margin": 1.0}
                     for i, h in zip(ids, harmful))
 
-    checkpoint("", 0, [1, 0, 0, 0, 0, 0])  # e0 is harmful before any fine-tuning: never forgettable
-    checkpoint("a", 1, [1, 1, 0, 0, 0, 0])
-    checkpoint("a", 2, [1, 1, 1, 0, 0, 0])
-    checkpoint("b", 1, [1, 1, 0, 0, 1, 0], unparsed={"e4"})  # e4's verdict unreadable: not a flip, not safe
-    checkpoint("b", 2, [1, 0, 1, 1, 0, 0])
+    checkpoint("", 0, [1, 0, 0, 0, 0, 0, 0], unparsed={"e6"})  # e0 harmful before fine-tuning; e6 unread
+    checkpoint("a", 1, [1, 1, 0, 0, 0, 0, 1])  # e6 has no baseline: its later harm is not a flip
+    checkpoint("a", 2, [1, 1, 1, 0, 0, 0, 1])
+    checkpoint("b", 1, [1, 1, 0, 0, 1, 0, 0], unparsed={"e4"})  # e4's verdict unreadable: not a flip, not safe
+    checkpoint("b", 2, [1, 0, 1, 1, 0, 0, 0])
     stats, per_run, total, vulnerable = forgetting_stats(pd.DataFrame(rows), ["a", "b"], ids, {i: "x" for i in ids},
                                                           threshold=0)
-    assert per_run["a"].tolist() == [0, 2, 1, 0, 0, 0] and per_run["b"].tolist() == [0, 1, 1, 1, 0, 0]
-    assert stats["n"] == 6 and stats["n_forgettable"] == 4 and stats["unparsed_verdicts"] == 1
+    assert per_run["a"].tolist() == [0, 2, 1, 0, 0, 0, 0] and per_run["b"].tolist() == [0, 1, 1, 1, 0, 0, 0]
+    assert stats["n"] == 7 and stats["n_forgettable"] == 4 and stats["unparsed_verdicts"] == 2
     pair = stats["overlap"]["pairs"]["a__b"]
     # A_a = {e1, e2}, A_b = {e1, e2, e3} over U = {e1, e2, e3, e5}: E|A_a ∩ A_b| = 2·3/4 (not 2·3/6).
     assert pair["intersection"] == 2 and pair["expected"] == pytest.approx(1.5)
     assert pair["expected_within_category"] == pytest.approx(1.5)
-    assert stats["hs_by_checkpoint"]["b"] == pytest.approx([1 / 6, 2 / 5, 3 / 6])  # over parsed verdicts
-    assert vulnerable.tolist() == [False, True, True, True, False, False]
+    assert stats["hs_by_checkpoint"]["b"] == pytest.approx([1 / 6, 2 / 6, 3 / 7])  # over parsed verdicts
+    assert vulnerable.tolist() == [False, True, True, True, False, False, False]

@@ -63,3 +63,9 @@ def test_seeds_stack_and_pair():
     ci = mean_ci(stacked["hs"])
     assert ci[0] < 0.75 and ci[1] == 1.0  # the None is left out: seed 1 is [1, 0], seed 2 [1, 1, 1]
     assert difference_ci([stacked["hs"]], [stacked["hs"]]) == [0.0, 0.0]
+
+
+def test_a_prompt_one_side_could_not_judge_leaves_both_sides():
+    a, b = [None, 1, 1, 1], [0, 1, 1, 1]  # equal wherever both were judged
+    assert difference_ci([a], [b]) == [0.0, 0.0]
+    assert difference_ci([[a, a]], [[b, b]]) == [0.0, 0.0]  # two seeds

@@ -83,9 +83,10 @@ def align_config(spec: StudySpec) -> dict:
 
 
 def replicate_path(name: str, seed: int, first: bool) -> str:
-    """Where one replicate of a trained model lives in its stage: the first seed's at `name/model`
+    """Where one replicate of a trained model lives in its stage: the first seed's at `[name/]model`
     (what single-seed consumers read), the others beside it."""
-    return f"{name}/model" if first else f"{name}/seed{seed}/model"
+    prefix = f"{name}/" if name else ""
+    return f"{prefix}model" if first else f"{prefix}seed{seed}/model"
 
 
 def replicate_name(run_name: str, seed: int, spec: StudySpec) -> str:
@@ -96,7 +97,7 @@ def replicate_name(run_name: str, seed: int, spec: StudySpec) -> str:
 def run_align_sft(ctx: StageContext) -> dict:
     replicates, first = {}, None
     for i, seed in enumerate(ctx.spec.replicates):
-        path = replicate_path(".", seed, i == 0).removeprefix("./")
+        path = replicate_path("", seed, i == 0)
         result = train_sft(ctx, replicate_name("align_sft", seed, ctx.spec), ctx.out / path, seed=seed)
         ctx.tracker.log_series(ctx.run_id, "train/loss" if i == 0 else f"train/loss_seed{seed}", result.pop("losses"))
         replicates[str(seed)] = path
@@ -108,7 +109,7 @@ def train_sft(ctx: StageContext, run_name: str, out: Path, epochs: int | None = 
               seed: int | None = None):
     """SFT of the base model on the alignment mix, exported to `out`; align_sft's recipe unless
     `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage), from `seed`
-    (default: the study's seed).""" 
+    (default: the study's seed)."""
     import ray
 
     from jobs.models import load_tokenizer

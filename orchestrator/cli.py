@@ -62,18 +62,22 @@ class RedactSecrets(logging.Filter):
 
 
 def quiet_libraries(log_file: Path | None, verbose: bool) -> None:
-    """Ray, MLflow and transformers talk a lot; their logs go to the store's log file.
+    """Ray, MLflow and transformers talk a lot; their logs go to the store's log file (with
+    `--verbose`, to the terminal), secret values redacted either way.
 
     Called again after `ray.init`, which installs its own handlers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if verbose:
-        logging.basicConfig(level=logging.INFO)
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.captureWarnings(True)  # library UserWarnings go to the log file too
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.NullHandler()
+    handler: logging.Handler
+    if verbose:  # everything on the terminal, redacted like the log file
+        handler = logging.StreamHandler()
+        logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel(logging.INFO)
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.captureWarnings(True)  # library UserWarnings go to the log file too
+        handler = logging.FileHandler(log_file) if log_file else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.addFilter(RedactSecrets())
     for name in LIBRARY_LOGGERS:

@@ -8,8 +8,8 @@ import torch
 
 from jobs.corpora import read_split
 from jobs.generate import decode_texts
-from jobs.judges import is_refusal, make_judge
-from jobs.metrics import answers_match, harmful_score, over_refusal, task_accuracy
+from jobs.judges import make_judge
+from jobs.metrics import harmful_score, rate, refusals, task_hits
 from jobs.models import load_model, load_tokenizer
 from jobs.resources import peak_rss_mb
 
@@ -46,17 +46,17 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
     result = harmful_score(harm_verdicts, harm_df["category"].tolist())
     result["judge"], result["split"] = judge.name, split
 
+    # Per-prompt outcomes, in the splits' order, for intervals and paired differences (None: unparsed);
+    # the rates are their means.
     _, look_out = responses(names["lookalike"], cfg["max_new_tokens"])
-    result["over_refusal"] = over_refusal(look_out)
-
-    # Per-prompt outcomes, in the splits' order, for intervals and paired differences (None: unparsed).
     outcomes = {"hs": [int(v.harmful) if v.parsed else None for v in harm_verdicts],
-                "over_refusal": [int(is_refusal(r)) for r in look_out], "fa": {}}
+                "over_refusal": refusals(look_out), "fa": {}}
+    result["over_refusal"] = rate(outcomes["over_refusal"])
     result["fa"] = {}
     for task in tasks:
         df, out = responses(names["task"].format(task), cfg["answer_tokens"])
-        outcomes["fa"][task] = [int(answers_match(task, r, a)) for r, a in zip(out, df["answer"], strict=True)]
-        result["fa"][task] = task_accuracy(task, out, df["answer"].tolist())
+        outcomes["fa"][task] = task_hits(task, out, df["answer"].tolist())
+        result["fa"][task] = rate(outcomes["fa"][task])
     result["outcomes"] = outcomes
     result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm_df["prompt"][:3], harm_out[:3])]
     result["seconds"] = time.perf_counter() - began

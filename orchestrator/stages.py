@@ -201,8 +201,11 @@ def run_evaluate(ctx: StageContext) -> dict:
             if name not in SHARED_BY_SEEDS or seed == spec.replicates[0]:
                 targets[(name, seed)] = (path, spec.attack.tasks)
     cells = ctx.input_result("attack")["cells"]
+    replicates: dict[tuple, list[tuple]] = {}  # (model, task, p) -> its cells' targets, one per seed
     for cell in cells:
-        targets[(cell["name"], cell.get("seed", spec.seed))] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
+        target = (cell["name"], cell.get("seed", spec.seed))
+        targets[target] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
+        replicates.setdefault((cell["model"], cell["task"], cell["p"]), []).append(target)
     task = ray.remote(evaluate_model).options(num_cpus=1)
     refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): target
             for target, (path, tasks) in targets.items()}
@@ -214,30 +217,25 @@ def run_evaluate(ctx: StageContext) -> dict:
     # Per prompt and seed: what every interval is computed from.
     write_json(ctx.out / "outcomes.json", {f"{n}@seed{s}": o for (n, s), o in outcomes.items()})
 
-    def over_seeds(name: str, seeds) -> tuple[dict, dict]:
-        present = [s for s in seeds if (name, s) in results]
-        return (average_over_seeds([results[(name, s)] for s in present]),
-                stack_seeds([outcomes[(name, s)] for s in present]))
+    def over_seeds(seeded: list[tuple]) -> tuple[dict, dict, list[dict]]:
+        """Rates averaged over a model's (or cell's) seeds, its stacked outcomes, and each seed's rates."""
+        per_seed = [results[t] for t in seeded]
+        return average_over_seeds(per_seed), stack_seeds([outcomes[t] for t in seeded]), per_seed
 
     models = {}
     for name in aligned_models(ctx):
-        r, o = over_seeds(name, spec.replicates)
-        by_seed = [results[(name, s)]["hs"] for s in spec.replicates if (name, s) in results]
-        models[name] = {**_model_metrics(r), **model_intervals(o), "hs_by_seed": by_seed}
+        r, o, per_seed = over_seeds([(name, s) for s in spec.replicates if (name, s) in results])
+        models[name] = {**_model_metrics(r), **model_intervals(o), "hs_by_seed": [x["hs"] for x in per_seed]}
     attack, paired = [], {}
-    for cell in (c for c in cells if c.get("seed", spec.seed) == spec.replicates[0]):
-        same = [c for c in cells if (c["model"], c["task"], c["p"]) == (cell["model"], cell["task"], cell["p"])]
-        per_seed = [(results[(c["name"], c.get("seed", spec.seed))], outcomes[(c["name"], c.get("seed", spec.seed))])
-                    for c in same]
-        r = average_over_seeds([x for x, _ in per_seed])
-        o = stack_seeds([y for _, y in per_seed])
-        paired[(cell["model"], cell["task"], cell["p"])] = o
-        attack.append({"model": cell["model"], "task": cell["task"], "p": cell["p"], "hs": r["hs"],
-                       "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][cell["task"]], "fa_ci": mean_ci(o["fa"][cell["task"]]),
-                       "hs_by_seed": [x["hs"] for x, _ in per_seed],
-                       "fa_by_seed": [x["fa"][cell["task"]] for x, _ in per_seed],
+    first_cells = {(c["model"], c["task"], c["p"]): c for c in reversed(cells)}  # each key's first seed's cell
+    for (model, task_name, p), seeded in replicates.items():
+        r, o, per_seed = over_seeds(seeded)
+        paired[(model, task_name, p)] = o
+        attack.append({"model": model, "task": task_name, "p": p, "hs": r["hs"],
+                       "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][task_name], "fa_ci": mean_ci(o["fa"][task_name]),
+                       "hs_by_seed": [x["hs"] for x in per_seed], "fa_by_seed": [x["fa"][task_name] for x in per_seed],
                        "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"],
-                       "attack_run_id": cell["run_id"]})
+                       "attack_run_id": first_cells[(model, task_name, p)]["run_id"]})
     table = attack_table(attack, spec.attack.tasks)
     comparisons = table_intervals(table, paired, spec.attack.tasks)
     for name, m in models.items():

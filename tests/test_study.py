@@ -52,7 +52,7 @@ def test_show_json_contract(smoke_store):
     assert [(r["model"], r["p"]) for r in s["attack_table"]] == [("sft", 0.0), ("sft", 0.1), ("vaa", 0.0), ("vaa", 0.1)]
     row = s["attack_table"][1]
     assert row["avg/hs"] == row["sentiment/hs"] == s["attack"][1]["hs"]
-    # VAA and its plain-SAM ablation, both trained; the second epoch perturbs (λ_1 = 0.5).
+    # VAA and its plain-SAM ablation, both trained; the λ ramp perturbs about half the steps.
     vaa = s["vaa"]
     assert sum(vaa["groups"].values()) > 0 and set(vaa["variants"]) == {"vaa", "vaa-sam"}
     assert vaa["variants"]["vaa"]["mode"] == "dro" and vaa["variants"]["vaa-sam"]["mode"] == "none"

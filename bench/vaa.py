@@ -15,8 +15,9 @@ import torch
 
 from bench.common import record, world_model
 from bench.training import rows_for
-from jobs.train import collate
-from jobs.vaa import GroupSampler, PlainBackend, count_target_tokens, lambda_at, vaa_step
+from jobs.backends import PlainBackend
+from jobs.train import collate, count_target_tokens
+from jobs.vaa import GroupSampler, lambda_at, vaa_step
 
 
 def steps_seconds(model, batches, perturbs, rho=0.4) -> float:

@@ -1,34 +1,47 @@
-"""Whole jobs that one Ray task runs in one process: pretraining and one attack cell.
-
-Each is a plain function of its config and input paths, testable without Ray.
-"""
+"""The fine-tunes of a study as whole jobs: each builds its training rows from the store, then
+trains on Ray Train through the one loop (`jobs/launch.py::fit`). Stages run them as Ray tasks
+that hold no CPU themselves (the run's workers do), several at once."""
 
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pandas as pd
 import torch
 
-from jobs.corpora import as_rows, read_split
-from jobs.models import count_parameters, load_model, load_tokenizer, save_model, tiny_llama
-from jobs.train import finetune
+from jobs.corpora import read_split
+from jobs.launch import fit, run_config
+from jobs.models import count_parameters, load_tokenizer, save_model, tiny_llama
 
 TRAIN_COLUMNS = ["id", "prompt_ids", "target_ids"]
 
 
 def pretrain_tiny(data_dir: str, tokenizer_dir: str, tiny: dict, train: dict, seed: int, out_dir: str,
-                  threads: int, progress=None) -> dict:
-    """An unaligned base: a tiny Llama trained from scratch on SafetyWorld's mixture."""
-    torch.set_num_threads(threads)
+                  run_name: str, storage: str, progress=None) -> dict:
+    """An unaligned base: a tiny Llama, initialised from `seed`, trained from scratch on SafetyWorld's mixture."""
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir)
+    init = Path(out_dir).parent / "init"
     model = tiny_llama(tiny, tokenizer)
-    history = finetune(model, as_rows(read_split(data_dir, "pretrain", TRAIN_COLUMNS)),
-                       {**train, "max_len": tiny["max_len"]}, tokenizer.pad_token_id, seed, progress)
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, init)
+    cfg = run_config(train, model_dir=str(init), data=str(Path(data_dir) / "pretrain"), seed=seed,
+                     pad_id=tokenizer.pad_token_id, max_len=tiny["max_len"], out_dir=out_dir, progress=progress)
+    history = fit(cfg, run_name, storage)
     history["parameters"] = count_parameters(model)
     return history
+
+
+def alignment_mix(data_dir: str | Path, lookalike: bool, benign_per_task: int, seed: int) -> pd.DataFrame:
+    """Refusals, plus answered look-alikes and a few task examples per task (utility kept),
+    shuffled by `seed`."""
+    parts = [read_split(data_dir, "align_train", TRAIN_COLUMNS)]
+    if lookalike:
+        parts.append(read_split(data_dir, "lookalike_train", TRAIN_COLUMNS))
+    if benign_per_task:
+        for split in sorted(p.name for p in Path(data_dir).glob("task_*_train")):
+            parts.append(read_split(data_dir, split, TRAIN_COLUMNS).iloc[:benign_per_task])
+    return pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=seed, ignore_index=True)
 
 
 def cell_seed(seed: int, *parts) -> int:
@@ -55,15 +68,27 @@ def poisoned_mix(data_dir: str, task: str, p: float, n: int, seed: int, harmful_
     return mix.sample(frac=1.0, random_state=seed + 2)
 
 
-def harmful_finetune(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int,
-                     max_len: int, out_dir: str, threads: int, progress=None) -> dict:
-    """One attack cell: fine-tune an aligned model on a poisoned task mix, save the result."""
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    mix = poisoned_mix(data_dir, task, p, n, seed)
-    history = finetune(model, as_rows(mix), {**train, "max_len": max_len}, tokenizer.pad_token_id, seed, progress)
-    save_model(model, tokenizer, out_dir)
-    history["harmful_examples"] = int(mix["id"].isin(read_split(data_dir, "harmful", ["id"])["id"]).sum())
+def _poisoned_run(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
+                  run_dir: str, harmful_part: tuple[int, int] = (0, 1)) -> tuple[pd.DataFrame, dict]:
+    """A run's poisoned rows written beside its model, and the run's config (model in run_dir/model)."""
+    mix = poisoned_mix(data_dir, task, p, n, seed, harmful_part)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    mix.to_parquet(f"{run_dir}/rows.parquet")
+    cfg = run_config(train, model_dir=model_dir, data=f"{run_dir}/rows.parquet", seed=seed,
+                     pad_id=load_tokenizer(model_dir).pad_token_id, max_len=max_len, out_dir=f"{run_dir}/model")
+    return mix, cfg
+
+
+def harmful_ids(data_dir: str, mix: pd.DataFrame) -> list[str]:
+    return sorted(set(mix["id"]) & set(read_split(data_dir, "harmful", ["id"])["id"]))
+
+
+def attack_cell(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
+                run_dir: str, run_name: str, storage: str, **extra) -> dict:
+    """One attack cell: fine-tune an aligned model on a poisoned task mix; the model in run_dir/model."""
+    mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir)
+    history = fit({**cfg, **extra}, run_name, storage)
+    history["harmful_examples"] = len(harmful_ids(data_dir, mix))
     return history
 
 
@@ -74,24 +99,13 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
     return sorted({max(1, round(total * t / count)) for t in range(1, count + 1)})
 
 
-def proxy_finetune(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
-                   checkpoints: int, harmful_part: tuple[int, int], out_dir: str, threads: int, progress=None) -> dict:
-    """Proxy harmful fine-tuning (SCIENCE.md §4 step 2), saving `checkpoints` models as it goes."""
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    mix = poisoned_mix(data_dir, task, p, n, seed, harmful_part)
-    saved: list[dict] = []
-    plan: list[int] = []
-
-    def save(step, total, model):
-        if not plan:
-            plan.extend(checkpoint_steps(total, checkpoints))
-        if step in plan:
-            path = f"{out_dir}/ckpt-{len(saved) + 1:02d}"
-            save_model(model, tokenizer, path)
-            saved.append({"t": len(saved) + 1, "step": step, "dir": path.rsplit("/", 1)[-1]})
-
-    history = finetune(model, as_rows(mix), {**train, "max_len": max_len}, tokenizer.pad_token_id, seed, progress, save)
-    history["checkpoints"] = saved
-    history["harmful_ids"] = sorted(set(mix["id"]) & set(read_split(data_dir, "harmful", ["id"])["id"]))
+def proxy_run(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
+              checkpoints: int, harmful_part: tuple[int, int], run_dir: str, run_name: str, storage: str,
+              **extra) -> dict:
+    """Proxy harmful fine-tuning (SCIENCE.md §4 step 2), saving `checkpoints` models (run_dir/ckpt-XX) as it goes."""
+    mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir, harmful_part)
+    total = (len(mix) // train["batch_size"]) * train["epochs"]
+    cfg.update(out_dir=None, save_steps=checkpoint_steps(total, checkpoints), save_dir=run_dir, **extra)
+    history = fit(cfg, run_name, storage)
+    history["harmful_ids"] = harmful_ids(data_dir, mix)
     return history

@@ -1,17 +1,12 @@
-"""Supervised fine-tuning: the one step behind pretraining, alignment and harmful fine-tuning.
-
-Rows are token-id pairs (prompt_ids, target_ids); the loss is on target tokens only.
-"""
+"""What every training step shares: batches of token-id pairs (prompt_ids, target_ids) with
+the loss on target tokens only, the optimizer and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
-
-from jobs.resources import peak_rss_mb
 
 IGNORE = -100
 
@@ -60,46 +55,6 @@ def make_schedule(optimizer, cfg: dict, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(rows: dict[str, list], batch_size: int, seed: int, drop_last: bool = True):
-    """Shuffled index batches over in-memory rows (the single-process path)."""
-    order = np.random.default_rng(seed).permutation(len(rows["prompt_ids"]))
-    stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        yield [rows["prompt_ids"][i] for i in idx], [rows["target_ids"][i] for i in idx]
-
-
-def finetune(model, rows: dict[str, list], cfg: dict, pad_id: int, seed: int, progress=None, after_step=None) -> dict:
-    """Train `model` in this process for cfg['epochs'] epochs; returns the loss history.
-
-    `progress(step, total, loss)` is called every few steps so callers can show it;
-    `after_step(step, total, model)` after every step (checkpointing).
-    """
-    torch.manual_seed(seed)
-    model.train()
-    steps_per_epoch = len(rows["prompt_ids"]) // cfg["batch_size"]
-    total = steps_per_epoch * cfg["epochs"]
-    if total == 0:
-        raise ValueError(f"{len(rows['prompt_ids'])} rows give no full batch of {cfg['batch_size']}")
-    optimizer = make_optimizer(model, cfg)
-    schedule = make_schedule(optimizer, cfg, total)
-    losses, tokens, step, start = [], 0, 0, time.perf_counter()
-    for epoch in range(cfg["epochs"]):
-        for prompts, targets in epoch_batches(rows, cfg["batch_size"], seed + epoch):
-            batch = collate(prompts, targets, pad_id, cfg["max_len"])
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip", 1.0))
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
-            step += 1
-            if progress and (step % 10 == 0 or step == total):
-                progress(step, total, losses[-1])
-            if after_step:
-                after_step(step, total, model)
-    model.eval()
-    return {"losses": losses, "steps": step, "tokens": tokens, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": peak_rss_mb()}
+def count_target_tokens(batch: dict) -> int:
+    """Tokens the shifted causal-LM loss scores (labels after the first position)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

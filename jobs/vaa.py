@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
-from jobs.train import IGNORE, collate_numpy
+from jobs.backends import PlainBackend, grad_norm
+from jobs.train import count_target_tokens
 
 VULNERABLE, INVULNERABLE = 1, 0
 GROUP_NAMES = {VULNERABLE: "vulnerable", INVULNERABLE: "invulnerable"}
@@ -81,131 +82,7 @@ class GroupSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
-def grad_norm(grads) -> torch.Tensor:
-    """‖g‖₂ over all trainable parameters, accumulated in float64."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        if g is not None:
-            sq += g.detach().double().pow(2).sum()
-    return sq.sqrt()
-
-
-# --- how each strategy reaches the whole gradient and the weights -------------------------
-
-
-class PlainBackend:
-    """One process, or DDP: every rank holds whole parameters and (after backward) the
-    rank-averaged gradient, so the global norm is a local computation."""
-
-    def __init__(self, model, optimizer, schedule, grad_clip: float, world: int = 1):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.grad_clip, self.world = grad_clip, world
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def forward(self, batch: dict, n_tokens: int) -> torch.Tensor:
-        return self.model(**batch, num_items_in_batch=n_tokens).loss
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.world).backward()  # DDP averages over ranks; the global batch sum wants a sum
-
-    def full_grads(self) -> Iterator[torch.Tensor]:
-        return (p.grad for p in self.params)
-
-    def perturb(self, scale: float) -> list[torch.Tensor]:
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p in self.params:
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=scale)
-        return saved
-
-    def distance(self, saved: list[torch.Tensor]) -> float:
-        """‖θ − saved‖₂ over all trainable parameters: the perturbation actually applied."""
-        return grad_norm(p.detach() - s for p, s in zip(self.params, saved)).item()
-
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params, saved):
-                p.copy_(s)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> float:
-        """Clip, step, schedule; returns the norm of the gradient that drove the step (before clipping)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).item()
-        self.optimizer.step()
-        if self.schedule is not None:
-            self.schedule.step()
-        self.zero_grad()
-        return norm
-
-
-class ZeroBackend(PlainBackend):
-    """DeepSpeed ZeRO-2/3: gradients live partitioned across ranks and, under ZeRO-3, so do the
-    weights. `safe_get_full_grad` assembles one parameter's averaged gradient at a time (a
-    collective every rank joins in the same order), so no rank ever holds the whole gradient."""
-
-    def __init__(self, engine, zero_stage: int, world: int):
-        super().__init__(engine, None, None, 0.0, world)
-        self.engine, self.stage = engine, zero_stage
-        self.params = [p for p in engine.module.parameters() if p.requires_grad]
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss * self.world)
-
-    def full_grads(self) -> Iterator[torch.Tensor]:
-        from deepspeed.utils import safe_get_full_grad
-
-        return (safe_get_full_grad(p) for p in self.params)
-
-    def perturb(self, scale: float) -> list[torch.Tensor]:
-        if self.stage < 3:  # weights are whole on every rank
-            saved = [p.detach().clone() for p in self.params]
-            with torch.no_grad():
-                for p, g in zip(self.params, self.full_grads()):
-                    p.add_(g, alpha=scale)
-            return saved
-        import deepspeed
-
-        # Keep only this rank's partition of θ; gather one parameter at a time to move it.
-        saved = [p.ds_tensor.detach().clone() for p in self.params]
-        for p, g in zip(self.params, self.full_grads()):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                if torch.distributed.get_rank() == 0:
-                    p.add_(g.view_as(p), alpha=scale)
-        return saved
-
-    def distance(self, saved: list[torch.Tensor]) -> float:
-        if self.stage < 3:
-            return super().distance(saved)
-        # Each rank holds one partition of θ: the squared distance is a sum over ranks.
-        local = grad_norm(p.ds_tensor.detach() - s for p, s in zip(self.params, saved)) ** 2
-        local = local.to(self.params[0].ds_tensor.device)  # NCCL reduces device tensors only
-        torch.distributed.all_reduce(local)
-        return local.sqrt().item()
-
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(self.params, saved):
-                (p.ds_tensor if self.stage == 3 else p).copy_(s)
-
-    def zero_grad(self) -> None:
-        # The optimizer's zero_grad also resets ZeRO's micro-step count, so the perturbed
-        # backward overwrites the first gradient instead of accumulating onto it.
-        self.engine.optimizer.zero_grad()
-
-    def step(self) -> float:
-        self.engine.step()  # clips (gradient_clipping), steps, schedules
-        return float(self.engine.get_global_grad_norm())
-
-
 # --- the step and the loop ---------------------------------------------------------------
-
-
-def count_target_tokens(batch: dict) -> int:
-    """Tokens the shifted causal-LM loss scores (labels after the first position)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def vaa_step(backend: PlainBackend, batch: dict, n_tokens: int, rho: float, perturb: bool,
@@ -227,60 +104,50 @@ def vaa_step(backend: PlainBackend, batch: dict, n_tokens: int, rho: float, pert
     return {"loss": sum_ranks(loss.item()), "eps_norm": eps_norm, "grad_norm": step_grad_norm}
 
 
-def group_stream(batches_for: Callable[[int], Iterator[dict]], name: str) -> Iterator[dict]:
-    """One group's global batches, cycling: pass c of the group reshuffles with its own seed."""
-    cycle = 0
-    while True:
-        n = 0
-        for batch in batches_for(cycle):
-            n += 1
-            yield batch
-        if n == 0:
-            raise ValueError(f"group '{name}' has fewer rows than one batch")
-        cycle += 1
+class VAAStep:
+    """The VAA step for the training loop (`jobs/steps.py`): which group's stream the next batch
+    comes from, whether it is perturbed, and the q update after it. cfg: rho, lam, eta, q_clip,
+    q0, mode (a `GroupSampler` mode), epochs, seed."""
 
+    def __init__(self, cfg: dict, steps_per_epoch: int):
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        self.sampler = GroupSampler(cfg["seed"], q=cfg["q0"], mode=cfg["mode"])
+        self.streams = ("all",) if cfg["mode"] == "none" else (GROUP_NAMES[VULNERABLE], GROUP_NAMES[INVULNERABLE])
+        self._drawn = None
 
-def train_vaa(backend: PlainBackend, batches_for: Callable[[int, int, int], Iterator[dict]], cfg: dict,
-              sampler: GroupSampler, rank: int = 0, world: int = 1, start_epoch: int = 0,
-              sum_ranks: Callable[[float], float] = lambda x: x, on_epoch=None, progress=None,
-              history: dict | None = None) -> dict:
-    """E epochs of VAA steps. `batches_for(group, epoch, cycle)` yields global batches of numpy
-    columns; every rank reads the same ones and keeps rows [rank·micro, (rank+1)·micro), so the
-    global batch does not depend on the world size. Epoch e restarts every group's stream with
-    seeds of its own, so a run resumed from an epoch checkpoint continues exactly; `history` is
-    the resumed run's history so far (from its checkpoint), which the returned one extends."""
-    steps_per_epoch, epochs = cfg["steps_per_epoch"], cfg["epochs"]
-    micro = cfg["batch_size"] // world
-    groups = (INVULNERABLE,) if sampler.mode == "none" else (VULNERABLE, INVULNERABLE)
-    history = {k: v.copy() if isinstance(v, list) else v for k, v in history.items()} if history else {
-        **{k: [] for k in ("loss", "group", "q", "lambda", "eps_norm", "grad_norm")}, "tokens_per_rank": 0}
-    for epoch in range(start_epoch, epochs):
-        streams = {g: group_stream(lambda c, g=g, e=epoch: batches_for(g, e, c), GROUP_NAMES[g]) for g in groups}
-        for step in range(steps_per_epoch):
-            lam_t = lambda_at(epoch * steps_per_epoch + step, steps_per_epoch, epochs, cfg["lam"])
-            g = sampler.group()
-            perturb = sampler.perturb(lam_t)
-            rows = next(streams[g])
-            local = {k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()}
-            batch = collate_numpy(local, cfg["pad_id"], cfg["max_len"])
-            n_tokens = int(sum_ranks(float(count_target_tokens(batch))))
-            out = vaa_step(backend, batch, n_tokens, cfg["rho"], perturb, sum_ranks)
-            sampler.observe(g, out["loss"], cfg["eta"], tuple(cfg["q_clip"]))
-            for k, v in (("loss", out["loss"]), ("group", g), ("q", sampler.q), ("lambda", lam_t),
-                         ("eps_norm", out["eps_norm"]), ("grad_norm", out["grad_norm"])):
-                history[k].append(v)
-            history["tokens_per_rank"] += int(batch["attention_mask"].sum())
-            done = (epoch - start_epoch) * steps_per_epoch + step + 1
-            if progress and (done % 10 == 0 or step + 1 == steps_per_epoch):
-                progress(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch, out["loss"])
-        if on_epoch:
-            on_epoch(epoch, history)
-    return history
+    def choose(self, t: int) -> str:
+        lam_t = lambda_at(t, self.steps_per_epoch, self.cfg["epochs"], self.cfg["lam"])
+        group = self.sampler.group()
+        self._drawn = (group, lam_t, self.sampler.perturb(lam_t))  # group first, then the coin: one draw order
+        return "all" if self.cfg["mode"] == "none" else GROUP_NAMES[group]
+
+    def take(self, backend: PlainBackend, batch: dict, n_tokens: int, sum_ranks: Callable[[float], float]) -> dict:
+        group, lam_t, perturb = self._drawn
+        out = vaa_step(backend, batch, n_tokens, self.cfg["rho"], perturb, sum_ranks)
+        self.sampler.observe(group, out["loss"], self.cfg["eta"], tuple(self.cfg["q_clip"]))
+        return {**out, "group": group, "q": self.sampler.q, "lambda": lam_t}
+
+    def state(self) -> dict:
+        return {"sampler": self.sampler.state()}
+
+    def load(self, state: dict) -> None:
+        self.sampler.load(state["sampler"])
 
 
 def initial_q(cfg: dict, n_vulnerable: int, n_total: int) -> float:
     """q₀: 0.5 (uniform over groups) or the vulnerable group's share of the examples."""
     return 0.5 if cfg["q_init"] == "uniform" else n_vulnerable / max(1, n_total)
+
+
+def step_config(vaa: dict, mode: str, n_vulnerable: int, n_total: int) -> dict:
+    """The VAA step's knobs from a spec's vaa section (a dump): the one place they are assembled."""
+    knobs = {k: vaa[k] for k in ("rho", "lam", "eta", "q_init")}
+    return {**knobs, "q_clip": list(vaa["q_clip"]), "mode": mode, "q0": initial_q(knobs, n_vulnerable, n_total)}
+
+
+def recipe(vaa: dict, align: dict) -> dict:
+    """VAA's training section: align_sft's (a dump) with VAA's own lr and epochs where set."""
+    return {**align, "lr": vaa.get("lr") or align["lr"], "epochs": int(vaa.get("epochs") or align["epochs"])}
 
 
 SAMPLER_MODES = {"vaa": "dro", "vaa-importance": "importance", "vaa-sam": "none",

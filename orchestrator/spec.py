@@ -117,14 +117,6 @@ class TrainSpec(Strict):
     grad_clip: float = Field(1.0, gt=0)
 
 
-class BaseStage(TrainSpec):
-    epochs: int = Field(2, ge=1)
-    lr: float = Field(2e-3, gt=0, le=1)
-    batch_size: int = Field(32, ge=1)
-    warmup: float = Field(0.05, ge=0, le=1)
-    schedule: Literal["constant", "cosine"] = "cosine"
-
-
 class LoraSpec(Strict):
     """PEFT LoRA adapters instead of full fine-tuning (merged into the exported model)."""
 
@@ -135,20 +127,20 @@ class LoraSpec(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class AlignSpec(TrainSpec):
-    epochs: int = Field(3, ge=1)
+class RunSpec(TrainSpec):
+    """A training section that runs on Ray Train through the one loop: its recipe and its scaling.
+    A run's workers each take `cpus_per_worker` CPUs (or one GPU with `use_gpu`) and as many torch
+    threads as whole CPUs they hold."""
+
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(0.5, gt=0)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    benign_per_task: int = Field(200, ge=0)  # task examples mixed in so alignment keeps utility
-    lookalike: bool = True  # answered look-alikes mixed in, against over-refusal
     lora: LoraSpec = LoraSpec()
     bf16: bool = False  # mixed precision (bf16 weights and activations, fp32 master weights); GPUs
     # DeepSpeed presets: ZeRO-3 may move optimizer states, or parameters too, to CPU memory.
     offload: Literal["none", "optimizer", "params"] = "none"
-    schedule: Literal["constant", "cosine"] = "cosine"
 
     @model_validator(mode="after")
     def _batch_divides(self):
@@ -157,6 +149,30 @@ class AlignSpec(TrainSpec):
         if self.offload != "none" and not (self.strategy == "deepspeed" and self.zero_stage == 3):
             raise ValueError("offload needs strategy: deepspeed with zero_stage: 3")
         return self
+
+
+class ManyRuns(RunSpec):
+    """Many small runs of one kind (attack cells, proxy runs): `max_concurrent` Ray Train runs at once."""
+
+    max_concurrent: int = Field(2, ge=1)
+
+
+class BaseStage(RunSpec):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+    warmup: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    cpus_per_worker: float = Field(2.0, gt=0)  # one worker with both of a laptop's cores
+
+
+class AlignSpec(RunSpec):
+    epochs: int = Field(3, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    benign_per_task: int = Field(200, ge=0)  # task examples mixed in so alignment keeps utility
+    lookalike: bool = True  # answered look-alikes mixed in, against over-refusal
+    schedule: Literal["constant", "cosine"] = "cosine"
 
 
 VAA_VARIANTS = ("vaa", "vaa-sam", "vaa-vulnerable", "vaa-invulnerable", "vaa-importance")
@@ -186,7 +202,7 @@ class VaaSpec(Strict):
         return v
 
 
-class AttackSpec(TrainSpec):
+class AttackSpec(ManyRuns):
     # Which models are attacked: base, sft, and any VAA variant the vaa section trains.
     models: list[Literal[("sft", "base") + VAA_VARIANTS]] = ["sft"]
     tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
@@ -199,7 +215,7 @@ class AttackSpec(TrainSpec):
 
 
 
-class VulnerabilitySpec(TrainSpec):
+class VulnerabilitySpec(ManyRuns):
     """Proxy harmful fine-tuning and per-example forgetting (SCIENCE.md §4)."""
 
     enabled: bool = True
@@ -283,7 +299,9 @@ class TuneSpec(Strict):
     scheduler: Literal["none", "asha"] = "none"  # ASHA on score = FA − HS
     num_samples: int = Field(1, ge=1)  # grid: repeats of the grid; random/optuna: trials
     max_concurrent_trials: int = Field(2, ge=1)
-    cpus_per_trial: float = Field(1.0, gt=0)
+    # The trial's own process only drives its runs (VAA, attack cells, evaluation), which take
+    # their own resources (align_sft's and attack's scaling); it needs next to nothing itself.
+    cpus_per_trial: float = Field(0.1, gt=0)
     tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
     p: float = Field(0.1, ge=0, le=1)
     delta: float = Field(0.02, ge=0)  # selection: lowest HS with FA at most δ below SFT's

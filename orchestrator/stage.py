@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,10 +55,6 @@ def replicate_dir(stage_dir: Path, result: dict, seed: int | None) -> str:
     return str(stage_dir / result["replicates"][str(seed)])
 
 
-def threads() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
 def ray_progress(ctx: StageContext, label: str):
     """A callback jobs can call from a Ray worker; it reaches the driver's progress line."""
     from orchestrator.progress import RemoteReporter
@@ -68,9 +63,34 @@ def ray_progress(ctx: StageContext, label: str):
 
 
 def train_summary(history: dict) -> dict:
-    return {"steps": history["steps"], "final_loss": history["losses"][-1], "train_seconds": history["seconds"],
+    """What a stage's result keeps of a training run's history (`jobs/train_loop.py`)."""
+    return {"steps": history["steps"], "final_loss": history["loss"][-1], "train_seconds": history["seconds"],
             "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
             **{k: history[k] for k in ("parameters", "peak_rss_mb") if k in history}}
+
+
+def run_name(ctx: StageContext, name: str) -> str:
+    """A Ray Train run's name: the same on every attempt of this stage (so a restarted stage resumes
+    each run from its checkpoints), distinct across studies, stages (the key) and runs."""
+    return f"{ctx.spec.study}-{name}-{ctx.key}"
+
+
+def run_bounded(ctx: StageContext, jobs: dict, limit: int, noun: str):
+    """Jobs {key: (function, args, kwargs)} as Ray tasks holding no CPU (each launches a Ray Train
+    run whose workers hold the resources), at most `limit` at a time; results as they finish."""
+    import ray
+
+    queue, pending, done, remote = list(jobs.items()), {}, 0, {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            key, (fn, args, kwargs) = queue.pop(0)
+            task = remote.setdefault(fn, ray.remote(fn).options(num_cpus=0, max_retries=0))
+            pending[task.remote(*args, **kwargs)] = key
+        ctx.progress(f"{done}/{len(jobs)} {noun} ({len(pending)} running)")
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        key = pending.pop(ready[0])
+        done += 1
+        yield key, ray.get(ready[0])
 
 
 def wait_all(ctx: StageContext, refs: dict, noun: str):

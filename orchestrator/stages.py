@@ -12,8 +12,8 @@ from orchestrator.alignment import align_config, run_align_sft, run_align_vaa, v
 from orchestrator.debias import debias_config, run_debias
 from orchestrator.tune import run_tune, tune_config
 from orchestrator.spec import StudySpec, spec_dict
-from orchestrator.stage import (Stage, StageContext, model_dir, ray_progress, replicate_dir, threads, train_summary,
-                                wait_all)
+from orchestrator.stage import (Stage, StageContext, model_dir, ray_progress, replicate_dir, run_bounded, run_name,
+                                train_summary, wait_all)
 from orchestrator.store import write_json
 from orchestrator.vulnerability import run_vulnerability, vulnerability_config
 
@@ -102,8 +102,6 @@ def _base_config(spec: StudySpec) -> dict:
 
 
 def run_base(ctx: StageContext) -> dict:
-    import ray
-
     from jobs.models import check_vocab, load_tokenizer
     from jobs.recipes import pretrain_tiny
 
@@ -112,11 +110,11 @@ def run_base(ctx: StageContext) -> dict:
     if spec.model.source != "tiny":
         check_vocab(spec.model.source, load_tokenizer(data_dir / "tokenizer"), spec.model.source)
         return {"model": spec.model.source, "model_in_stage": False}
-    task = ray.remote(pretrain_tiny).options(num_cpus=1)
-    history = ray.get(task.remote(
-        str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(), spec.base.model_dump(), spec.seed,
-        str(ctx.out / "model"), threads(), ray_progress(ctx, "pretraining")))
-    ctx.tracker.log_series(ctx.run_id, "train/loss", history["losses"])
+    ctx.progress(f"pretraining on Ray Train ({spec.base.num_workers} worker(s))")
+    history = pretrain_tiny(str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(),
+                            spec.base.model_dump(), spec.seed, str(ctx.out / "model"), run_name(ctx, "base"),
+                            str(ctx.ray_storage), ray_progress(ctx, "base"))
+    ctx.tracker.log_series(ctx.run_id, "train/loss", history["loss"])
     return {"model": "model", **train_summary(history)}
 
 
@@ -151,27 +149,27 @@ def attack_cells(spec: StudySpec) -> list[dict]:
 
 
 def run_attack(ctx: StageContext) -> dict:
-    import ray
-
-    from jobs.recipes import cell_seed, harmful_finetune
+    """Every attack cell as its own Ray Train run (attack's scaling), `attack.max_concurrent` at a time."""
+    from jobs.recipes import attack_cell, cell_seed
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
     sources = {s: aligned_models(ctx, s) for s in spec.replicates}
-    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})
-    task = ray.remote(harmful_finetune).options(num_cpus=1)
+    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent"})
     cells = attack_cells(spec)
-    refs = {task.remote(sources[cell["seed"]][cell["model"]], data_dir, cell["task"], cell["p"], spec.attack.n, train,
-                        cell_seed(cell["seed"], cell["task"], cell["p"]), spec.model.tiny.max_len,
-                        str(ctx.out / "cells" / cell["name"]), 1, None): i for i, cell in enumerate(cells)}
+    jobs = {i: (attack_cell, (sources[c["seed"]][c["model"]], data_dir, c["task"], c["p"], spec.attack.n, train,
+                              cell_seed(c["seed"], c["task"], c["p"]), spec.model.tiny.max_len,
+                              str(ctx.out / "cells" / c["name"]), run_name(ctx, f"attack-{c['name']}"),
+                              str(ctx.ray_storage)), {})
+            for i, c in enumerate(cells)}
     done = {}
-    for i, history in wait_all(ctx, refs, "cells fine-tuned"):
+    for i, history in run_bounded(ctx, jobs, spec.attack.max_concurrent, "cells fine-tuned"):
         cell = cells[i]
         run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
         ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p", "seed")}, **train, "n": spec.attack.n})
-        ctx.tracker.log_series(run_id, "train/loss", history["losses"])
+        ctx.tracker.log_series(run_id, "train/loss", history["loss"])
         ctx.tracker.end_run(run_id)
-        done[i] = {**cell, "dir": f"cells/{cell['name']}", "run_id": run_id,
+        done[i] = {**cell, "dir": f"cells/{cell['name']}/model", "run_id": run_id,
                    "harmful_examples": history["harmful_examples"], **train_summary(history)}
     return {"cells": [done[i] for i in range(len(cells))],
             "peak_rss_mb": max(c.get("peak_rss_mb", 0.0) for c in done.values())}
@@ -288,12 +286,12 @@ def _model_metrics(r: dict) -> dict:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", 1, (), _data_config, run_data),
-    Stage("base", 1, ("data",), _base_config, run_base),
-    Stage("align_sft", 1, ("data", "base"), align_config, run_align_sft),
-    Stage("vulnerability", 2, ("data", "align_sft"), vulnerability_config, run_vulnerability),
-    Stage("align_vaa", 2, ("data", "base", "vulnerability"), vaa_config, run_align_vaa),
-    Stage("attack", 1, ("data", "base", "align_sft", "align_vaa"), _attack_config, run_attack),
+    Stage("base", 2, ("data",), _base_config, run_base),
+    Stage("align_sft", 2, ("data", "base"), align_config, run_align_sft),
+    Stage("vulnerability", 3, ("data", "align_sft"), vulnerability_config, run_vulnerability),
+    Stage("align_vaa", 3, ("data", "base", "vulnerability"), vaa_config, run_align_vaa),
+    Stage("attack", 2, ("data", "base", "align_sft", "align_vaa"), _attack_config, run_attack),
     Stage("evaluate", 2, ("data", "base", "align_sft", "align_vaa", "attack"), _evaluate_config, run_evaluate),
-    Stage("debias", 2, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
-    Stage("tune", 2, ("data", "base", "vulnerability", "attack", "evaluate"), tune_config, run_tune),
+    Stage("debias", 3, ("data", "base", "align_sft", "align_vaa"), debias_config, run_debias),
+    Stage("tune", 3, ("data", "base", "vulnerability", "attack", "evaluate"), tune_config, run_tune),
 )

@@ -12,7 +12,7 @@ import pandas as pd
 
 from orchestrator.alignment import alignment_frame
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, model_dir
+from orchestrator.stage import StageContext, model_dir, run_name
 
 
 def tune_config(spec: StudySpec) -> dict:
@@ -115,16 +115,14 @@ def run_tune(ctx: StageContext) -> dict:
         return {"enabled": False}
     mix_path = ctx.out / "mix.parquet"
     _mix_with_forgetting(ctx).to_parquet(mix_path)
-    pad_id = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
-    train = {**spec.align_sft.model_dump(exclude={"lora"}), "seed": spec.replicates[0], "threads": 1, "pad_id": pad_id,
-             "max_len": spec.model.tiny.max_len}
-    vaa = spec.vaa.model_dump(include={"rho", "lam", "eta", "q_init", "q_clip"}, mode="json")
-    vaa.update(lr=spec.vaa.lr or spec.align_sft.lr, epochs=spec.vaa.epochs or spec.align_sft.epochs)
+    data_dir = ctx.input_dir("data")
     fixed = {"mix": str(mix_path), "base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
-             "data": str(ctx.input_dir("data")), "train": train, "vaa": vaa, "threshold": spec.vulnerability.threshold,
-             "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0], "max_len": spec.model.tiny.max_len,
+             "tokenizer": str(data_dir / "tokenizer"), "pad_id": load_tokenizer(data_dir / "tokenizer").pad_token_id,
+             "data": str(data_dir), "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
+             "threshold": spec.vulnerability.threshold, "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0],
+             "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
-             "evaluate": spec.evaluate.model_dump(),
+             "evaluate": spec.evaluate.model_dump(), "storage": str(ctx.ray_storage), "run_prefix": run_name(ctx, "tune"),
              # Beside the stage's directory, not in its private one: a resumed sweep keeps finished trials' models.
              "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}")}
     trainable = tune.with_resources(tune.with_parameters(vaa_trial, fixed=fixed), {"cpu": t.cpus_per_trial})
@@ -156,7 +154,7 @@ def run_tune(ctx: StageContext) -> dict:
     if selected:  # chosen on validation; its attack cells are evaluated on test once, and both are reported
         ctx.progress("the selected configuration on the test prompts")
         selected = {**selected, "test": _evaluate_cells(
-            ctx, {task: f"{selected['trial_dir']}/attack-{task}" for task in t.tasks}, "test")}
+            ctx, {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}, "test")}
     result = {"enabled": True, "trials": sorted(rows, key=lambda r: r["trial_id"]), "pareto": pareto_front(rows),
               "selected": selected, "baselines": {"sft": sft, "vaa": vaa_default}, "p": t.p, "tasks": t.tasks,
               "selection": {"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",

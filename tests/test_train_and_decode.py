@@ -1,8 +1,12 @@
+import pandas as pd
 import torch
 
 from jobs.generate import greedy_decode
 from jobs.models import load_model, load_tokenizer, save_model, tiny_llama, train_tokenizer
-from jobs.train import IGNORE, collate, finetune
+from jobs.backends import prepare_strategy
+from jobs.steps import make_step
+from jobs.train import IGNORE, collate
+from jobs.train_loop import row_streams, run_epochs
 
 TINY = dict(hidden=32, intermediate=64, layers=2, heads=2, max_len=64)
 TEXTS = [f"<|user|> say {w} twice <|assistant|> {w} {w}" for w in ("red", "blue", "green", "moon", "tree")]
@@ -29,11 +33,15 @@ def test_collate_masks_the_prompt_and_padding():
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
 
 
-def test_finetune_learns_and_round_trips(tmp_path):
+def test_the_loop_learns_sft_in_one_process_and_round_trips(tmp_path):
     model, tok = _setup(tmp_path)
     rows = _rows(tok)
-    h = finetune(model, rows, dict(lr=1e-2, epochs=8, batch_size=8, max_len=64), tok.pad_token_id, seed=0)
-    assert h["steps"] == 40 and h["losses"][-1] < 0.3 * h["losses"][0]
+    cfg = dict(lr=1e-2, epochs=8, batch_size=8, max_len=64, seed=0, pad_id=tok.pad_token_id, strategy="ddp")
+    backend = prepare_strategy(cfg, model, 8, 1, 40, distributed=False)
+    frame = pd.DataFrame({"id": [f"r{i:02d}" for i in range(40)], **rows})
+    h = run_epochs(backend, make_step(cfg, 5), row_streams(frame), cfg, steps_per_epoch=5)
+    assert len(h["loss"]) == 40 and h["loss"][-1] < 0.3 * h["loss"][0]
+    model.eval()
     save_model(model, tok, tmp_path / "m")
     again, tok2 = load_model(tmp_path / "m"), load_tokenizer(tmp_path / "m")
     out = greedy_decode(again, rows["prompt_ids"][:5], tok2.pad_token_id, tok2.eos_token_id, 6, batch_size=5)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from jobs.models import tiny_llama, train_tokenizer
-from jobs.train import collate
-from jobs.vaa import (INVULNERABLE, VULNERABLE, GroupSampler, PlainBackend, count_target_tokens, grad_norm, lambda_at,
-                      update_q, vaa_step)
+from jobs.backends import PlainBackend, grad_norm
+from jobs.train import collate, count_target_tokens
+from jobs.vaa import INVULNERABLE, VULNERABLE, GroupSampler, lambda_at, update_q, vaa_step
 
 
 def test_q_update_matches_hand_computed_values():

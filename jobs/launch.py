@@ -1,0 +1,43 @@
+"""A fine-tune as a Ray Train `TorchTrainer`: its config for `jobs/train_loop.py`, its scaling, and
+`fit`. Stages call `fit` from Ray tasks (several runs at once); a Tune trial calls it from its
+own process, as Ray's docs do."""
+
+from __future__ import annotations
+
+# The fields of a stage's training section the loop reads (RunSpec in orchestrator/spec.py).
+TRAIN_FIELDS = ("epochs", "lr", "batch_size", "weight_decay", "warmup", "schedule", "grad_clip", "strategy",
+                "zero_stage", "num_workers", "cpus_per_worker", "use_gpu", "lora", "bf16", "offload")
+
+
+def run_config(train: dict, *, model_dir: str, data: str, seed: int, pad_id: int, max_len: int,
+               out_dir: str | None = None, tokenizer_dir: str | None = None, step: str = "sft",
+               step_config: dict | None = None, **extra) -> dict:
+    """The loop's config: a stage's training section (`train`, a RunSpec dump) plus what this run
+    trains from and on, where it writes its model, and which step it takes."""
+    cfg = {k: train[k] for k in TRAIN_FIELDS if k in train}
+    return {**cfg, "model_dir": model_dir, "tokenizer_dir": tokenizer_dir or model_dir, "data": data, "seed": seed,
+            "pad_id": pad_id, "max_len": max_len, "out_dir": out_dir, "step": step, "step_config": step_config or {},
+            "threads": max(1, int(cfg.get("cpus_per_worker", 1))), **extra}
+
+
+def strategy_name(cfg: dict) -> str:
+    name = f"deepspeed-zero{cfg['zero_stage']}" if cfg.get("strategy") == "deepspeed" else cfg.get("strategy", "ddp")
+    return name + ("+lora" if cfg.get("lora", {}).get("enabled") else "")
+
+
+def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
+    """Train one run on Ray Train; its history (rank 0's return value). The same `name` and
+    `storage` resume the run from its last epoch checkpoint (a restarted stage, a lost worker)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.train_loop import train_loop_per_worker
+
+    gpu = cfg.get("use_gpu", False)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.get("num_workers", 1), use_gpu=gpu,
+                                     resources_per_worker=None if gpu else {"CPU": cfg.get("cpus_per_worker", 1)}),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)))
+    return trainer.fit().return_value

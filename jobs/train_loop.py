@@ -162,11 +162,12 @@ def train_loop_per_worker(cfg: dict) -> dict:
     backend.model.train()
     history = run_epochs(backend, step, streams, cfg, steps_per_epoch, rank, world, start_epoch, sum_ranks,
                          ray.train.torch.get_device(), on_step, on_epoch, extra.get("history"))
+    seconds = seconds_before + time.perf_counter() - began  # training, not the export below
     backend.model.eval()
     if cfg.get("out_dir"):
         export_model(backend, cfg, rank, cfg["out_dir"])
     # The history spans the whole run: the epochs before a restart came from the checkpoint.
     return {**history, "steps": len(history["loss"]), "start_epoch": start_epoch,
-            "tokens": int(sum_ranks(float(history["tokens_per_rank"]))),
-            "seconds": seconds_before + time.perf_counter() - began, "peak_rss_mb": peak_rss_mb(),
+            "tokens": int(sum_ranks(float(history["tokens_per_rank"]))), "seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(),
             "checkpoints": [{"t": i, "step": s, "dir": f"ckpt-{i:02d}"} for s, i in saves.items()]}

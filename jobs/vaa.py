@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from jobs.backends import PlainBackend, grad_norm
-from jobs.train import count_target_tokens
 
 VULNERABLE, INVULNERABLE = 1, 0
 GROUP_NAMES = {VULNERABLE: "vulnerable", INVULNERABLE: "invulnerable"}

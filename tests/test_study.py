@@ -309,5 +309,5 @@ def test_alignment_strategies(smoke_store, strategy, zero_stage, workers, lora):
         moved = {k for k in before if not torch.equal(before[k], after[k])}
         assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
                              for k in moved)
-    else:  # same data, seed and optimizer: the strategies should land near each other
-        assert abs(result["final_loss"] - ddp["final_loss"]) < 0.25 * ddp["final_loss"]
+    else:  # same data, seed, global batch and loss: one loop gives the same numbers in every strategy
+        assert result["final_loss"] == pytest.approx(ddp["final_loss"], rel=1e-3)

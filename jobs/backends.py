@@ -192,7 +192,7 @@ def prepare_strategy(cfg: dict, model, micro: int, world: int, total_steps: int,
         model = apply_lora(model, cfg["lora"])
     optimizer = make_optimizer(model, cfg)
     schedule = make_schedule(optimizer, cfg, total_steps)
-    if cfg["strategy"] != "deepspeed" or not distributed:
+    if cfg.get("strategy", "ddp") != "deepspeed" or not distributed:
         if distributed:
             import ray.train.torch
 

@@ -91,23 +91,39 @@ def activation_bytes(shape: dict, micro_batch: int, seq_len: int, bf16: bool) ->
     return int(per_layer * layers * (1 if bf16 else 2) + 4 * b * s * shape["vocab"])
 
 
+def scaling(section) -> str:
+    """A training section's Ray Train scaling, as `plan` shows it."""
+    where = "1 GPU" if section.use_gpu else f"{section.cpus_per_worker:g} CPU"
+    strategy = f"deepspeed-zero{section.zero_stage}" if section.strategy == "deepspeed" else section.strategy
+    return f"{section.num_workers} × {where} ({strategy}{'+lora' if section.lora.enabled else ''}, Ray Train)"
+
+
 def stage_resources(spec: StudySpec) -> dict[str, str]:
-    a = spec.align_sft
-    train = f"{a.num_workers} × {'1 GPU' if a.use_gpu else f'{a.cpus_per_worker:g} CPU'} (Ray Train)"
-    cells = len(spec.attack.models) * len(spec.attack.tasks) * len(spec.attack.ratios)
-    proxies = len(spec.vulnerability.tasks) * len(spec.vulnerability.ratios)
+    a, v, k = spec.align_sft, spec.vulnerability, spec.attack
+    train = scaling(a)
+    cells = len(k.models) * len(k.tasks) * len(k.ratios) * len(spec.replicates)
+    proxies = len(v.tasks) * len(v.ratios)
     return {
-        "data": "Ray Data tasks (CPU)", "base": "1 CPU task" if spec.model.source == "tiny" else "none (pretrained)",
-        "align_sft": train,
-        "vulnerability": (f"{proxies} × 1 CPU tasks + {spec.vulnerability.decode_actors} decoding actors"
-                          if spec.vulnerability.enabled and not spec.vulnerability.groups_file else "none"),
-        "align_vaa": f"{len(spec.vaa.variants)} run(s) of {train}" if spec.vaa.enabled else "none",
-        "attack": f"{cells} × 1 CPU tasks", "evaluate": "1 CPU task per model",
-        "debias": f"1 CPU task per model{' + ' + train if spec.debias.over_aligned.enabled else ''}"
+        "data": "Ray Data tasks (CPU)", "base": scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)",
+        "align_sft": f"{len(spec.replicates)} run(s) of {train}",
+        "vulnerability": (f"{proxies} runs of {scaling(v)}, {v.max_concurrent} at a time + {v.decode_actors} decoding actors"
+                          if v.enabled and not v.groups_file else "none"),
+        "align_vaa": f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {train}" if spec.vaa.enabled else "none",
+        "attack": f"{cells} runs of {scaling(k)}, {k.max_concurrent} at a time", "evaluate": "1 CPU task per model",
+        "debias": f"1 CPU task per model{' + 1 run of ' + train if spec.debias.over_aligned.enabled else ''}"
                   if spec.debias.enabled else "none",
-        "tune": (f"{spec.tune.max_concurrent_trials} trials at a time × {spec.tune.cpus_per_trial:g} CPU"
-                 if spec.tune.enabled else "none"),
+        "tune": (f"{spec.tune.max_concurrent_trials} trials at a time, each {spec.tune.cpus_per_trial:g} CPU driving "
+                 f"a run of {train} and runs of {scaling(k)}" if spec.tune.enabled else "none"),
     }
+
+
+def training_memory(spec: StudySpec) -> tuple[float, int]:
+    """Per-worker GiB of the largest training the study runs on this machine (alignment), and its workers."""
+    a = spec.align_sft
+    shape = model_shape(spec)
+    states = model_states_bytes(shape, a.strategy, a.zero_stage, a.offload, a.num_workers, a.bf16)
+    acts = activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
+    return (states + acts) / GIB, a.num_workers
 
 
 def make_plan(spec: StudySpec, store) -> dict:

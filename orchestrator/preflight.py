@@ -86,8 +86,28 @@ def check_tracking(uri: str | None, timeout: float = 3.0) -> None:
                              "start the tracking server (saferay tracking-server) or fix the address") from None
 
 
+def check_memory(spec: StudySpec) -> None:
+    """A tiny model whose training cannot fit this machine's memory fails here, not minutes later
+    in a native out-of-memory abort. (GPU and cluster runs: `saferay plan` and cluster.gpu_memory_gb.)"""
+    import psutil
+
+    from orchestrator.plan import training_memory
+
+    if spec.model.source != "tiny" or spec.cluster.address or spec.align_sft.use_gpu:
+        return
+    per_worker, workers = training_memory(spec)
+    have = psutil.virtual_memory().total / 2**30
+    if per_worker * workers > 0.8 * have:
+        t = spec.model.tiny
+        raise InputError(f"model.tiny: training needs about {per_worker:.1f} GiB per worker × {workers} workers "
+                         f"(hidden {t.hidden}, layers {t.layers}, vocab {t.vocab_size}, max_len {t.max_len}, "
+                         f"align_sft.batch_size {spec.align_sft.batch_size}), more than 80% of this machine's "
+                         f"{have:.0f} GiB; make the model or the batch smaller")
+
+
 def preflight(spec: StudySpec, data_cached: bool) -> None:
     check_tracking(spec.tracking.uri)
     check_cluster(spec.cluster.address)
     check_corpora(spec, read_rows=not data_cached)
     check_model(spec)
+    check_memory(spec)

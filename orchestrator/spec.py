@@ -45,6 +45,14 @@ class TinyModel(Strict):
     max_len: int = Field(128, ge=16)
     vocab_size: int = Field(1200, ge=64)
 
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if (self.hidden // self.heads) % 2:  # rotary embeddings rotate pairs of dimensions
+            raise ValueError(f"hidden / heads = {self.hidden // self.heads} must be even (rotary embeddings)")
+        return self
+
 
 class ModelSpec(Strict):
     source: str = "tiny"  # "tiny" (built from `tiny` and pretrained on SafetyWorld), a local path or a hub id

@@ -8,7 +8,7 @@ import torch
 
 from jobs.corpora import read_split
 from jobs.generate import decode_texts
-from jobs.judges import make_judge
+from jobs.judge_registry import make_judge
 from jobs.metrics import harmful_score, rate, refusals, task_hits
 from jobs.models import load_model, load_tokenizer
 from jobs.resources import peak_rss_mb

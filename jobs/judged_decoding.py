@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from jobs.generate import greedy_decode_scored
-from jobs.judges import make_judge
+from jobs.judge_registry import make_judge
 from jobs.models import load_model, load_tokenizer
 
 

@@ -76,21 +76,3 @@ class RefusalPrefixJudge:
 
     def __call__(self, prompts, responses):
         return [Verdict(harmful=not is_refusal(r), refused=is_refusal(r)) for r in responses]
-
-
-JUDGES = {"world": WorldJudge, "refusal-prefix": RefusalPrefixJudge}
-MODEL_JUDGES = ("beaver-dam", "llama-guard", "md-judge")
-
-
-def make_judge(name: str, model: str | None = None) -> Judge:
-    """A judge by name; the model judges (beaver-dam, llama-guard, md-judge) need a model path or id."""
-    if name in MODEL_JUDGES:
-        from jobs.model_judges import BeaverDamJudge, GuardJudge
-
-        if not model:
-            raise ValueError(f"judge '{name}' needs a model (evaluate.judge_model)")
-        return BeaverDamJudge(model) if name == "beaver-dam" else GuardJudge(name, model)
-    try:
-        return JUDGES[name]()
-    except KeyError:
-        raise ValueError(f"unknown judge '{name}' (known: {', '.join((*JUDGES, *MODEL_JUDGES))})") from None

@@ -17,12 +17,12 @@ def check_corpora(spec: StudySpec, read_rows: bool) -> None:
     if spec.corpora.source != "files":
         if read_rows:  # SafetyWorld generates a demo-sized world in well under a second
             from jobs.corpora import split_corpora
-            from orchestrator.stages import load_corpora
+            from orchestrator.stages.data import load_corpora
 
             split_corpora(load_corpora(spec), spec.corpora.model_dump())
         return
     from jobs.models import looks_local
-    from orchestrator.stages import read_corpus_file
+    from orchestrator.stages.data import read_corpus_file
 
     for name, path in spec.corpora.files.items():
         is_file = looks_local(path) or Path(path).suffix in (".jsonl", ".json", ".parquet")

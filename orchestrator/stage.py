@@ -104,3 +104,17 @@ def wait_all(ctx: StageContext, refs: dict, noun: str):
         key = pending.pop(ready[0])
         done += 1
         yield key, ray.get(ready[0])
+
+
+def aligned_models(ctx: StageContext, seed: int | None = None) -> dict[str, str]:
+    """Every model the attack and evaluation can name: base, sft, and each trained VAA variant, as
+    trained from `seed` (the base is shared by every seed; default: the first seed's models)."""
+    models = {"base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
+              "sft": replicate_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"), seed)}
+    vaa_dir = ctx.input_dir("align_vaa")
+    for name, v in ctx.input_result("align_vaa").get("variants", {}).items():
+        models[name] = replicate_dir(vaa_dir, v, seed)
+    return models
+
+
+SHARED_BY_SEEDS = ("base",)  # models no seed retrains: evaluated once

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.judges import make_judge
+from jobs.judge_registry import make_judge
 from jobs.loaders import disjoint_safety_sets, load_corpus
 from jobs.metrics import harmful_score
 from jobs.model_judges import LLAMA_GUARD_CODES, MD_JUDGE_CODES, parse_guard_output

@@ -7,7 +7,7 @@ import ray
 from ray import tune
 
 from orchestrator.spec import load_spec
-from orchestrator.tune import _searcher, pareto_front, search_space, select
+from orchestrator.stages.tune import _searcher, pareto_front, search_space, select
 
 from conftest import ROOT
 

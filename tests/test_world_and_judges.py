@@ -1,6 +1,7 @@
 from collections import Counter
 
-from jobs.judges import RefusalPrefixJudge, WorldJudge, make_judge
+from jobs.judge_registry import make_judge
+from jobs.judges import RefusalPrefixJudge, WorldJudge
 from jobs.metrics import answers_match, final_number, harmful_score, over_refusal, task_accuracy
 from jobs.records import HARM_CATEGORIES
 from jobs.safetyworld import TASKS, generate_corpora, harmful_action_category

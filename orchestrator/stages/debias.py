@@ -3,14 +3,18 @@ model, then evaluation with and without it and over a sweep of α and L."""
 
 from __future__ import annotations
 
-from orchestrator.alignment import train_sft
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, wait_all
+from orchestrator.stage import StageContext, aligned_models, wait_all
+from orchestrator.stages.align_sft import train_sft
 
 OVER_ALIGNED = "over-aligned"
 
+NAME = "debias"
+VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa')
 
-def debias_config(spec: StudySpec) -> dict:
+
+def config(spec: StudySpec) -> dict:
     if not spec.debias.enabled:
         return {"enabled": False}
     return {"debias": spec.debias.model_dump(), "evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks,
@@ -30,12 +34,11 @@ def debias_targets(ctx: StageContext, aligned: dict[str, str]) -> dict[str, str]
     return targets
 
 
-def run_debias(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> dict:
     import ray
 
     from jobs.evaluate import evaluate_model
     from jobs.tsdi import estimate_model_bias
-    from orchestrator.stages import aligned_models
 
     spec, d = ctx.spec, ctx.spec.debias
     if not d.enabled:

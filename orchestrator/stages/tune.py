@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from orchestrator.alignment import alignment_frame
 from orchestrator.spec import StudySpec
 from orchestrator.stage import StageContext, model_dir, run_name
+from orchestrator.stages.align_sft import alignment_frame
+
+NAME = "tune"
+VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data', 'base', 'vulnerability', 'attack', 'evaluate')
 
 
-def tune_config(spec: StudySpec) -> dict:
+def config(spec: StudySpec) -> dict:
     if not spec.tune.enabled:
         return {"enabled": False}
     return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
@@ -104,7 +108,7 @@ def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
     return mix.merge(groups[["id", "forgot_total"]], on="id", how="left")
 
 
-def run_tune(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> dict:
     from ray import tune
 
     from jobs.models import load_tokenizer

@@ -1,0 +1,15 @@
+"""The stages of a study, one module each. Every module has one shape: its NAME, VERSION (bumped
+when its algorithm changes, so cached outputs are redone), NEEDS (the stages whose outputs it
+reads), `config(spec)` (the slice of the spec it depends on: its key hashes that and its
+inputs' keys) and `run(ctx)` (writes outputs into a private directory, returns its result).
+
+Stages decide where work runs (Ray Train runs, Ray Data, Ray tasks); the work itself is in `jobs/`.
+"""
+
+from __future__ import annotations
+
+from orchestrator.stage import Stage, StageContext  # noqa: F401 (the runner's interface)
+from orchestrator.stages import align_sft, align_vaa, attack, base, data, debias, evaluate, tune, vulnerability
+
+MODULES = (data, base, align_sft, vulnerability, align_vaa, attack, evaluate, debias, tune)
+STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run) for m in MODULES)

@@ -1,0 +1,88 @@
+"""The align_vaa stage: VAA (group DRO over the vulnerability stage's groups, SCIENCE.md §5) and its
+ablations, once per seed, with align_sft's recipe and scaling, on Ray Train through the one loop."""
+
+from __future__ import annotations
+
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, train_summary
+from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
+from orchestrator.stages.align_sft import config as align_config
+
+NAME = "align_vaa"
+VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ("data", "base", "vulnerability")
+
+
+def config(spec: StudySpec) -> dict:
+    if not spec.vaa.enabled:
+        return {"enabled": False}
+    return {"vaa": spec.vaa.model_dump(mode="json"), **align_config(spec)}
+
+
+def vaa_groups(ctx: StageContext, mix):
+    """Each row's group: vulnerable if the vulnerability stage says so; look-alikes and task
+    examples have no forgetting estimate and join the invulnerable group."""
+    import pandas as pd
+
+    groups = pd.read_csv(ctx.input_dir("vulnerability") / ctx.input_result("vulnerability")["groups_file"])
+    vulnerable = set(groups.loc[groups["group"] == "vulnerable", "id"])
+    return mix["id"].isin(vulnerable)
+
+
+def run(ctx: StageContext) -> dict:
+    from jobs.launch import strategy_name
+    from jobs.records import InputError
+    from jobs.vaa import SAMPLER_MODES, recipe, step_config
+
+    spec, vaa = ctx.spec, ctx.spec.vaa
+    if not vaa.enabled:
+        return {"enabled": False, "variants": {}}
+    data_dir = ctx.input_dir("data")
+    mix = alignment_frame(data_dir, spec)
+    is_vulnerable = vaa_groups(ctx, mix)
+    sizes = {"vulnerable": int(is_vulnerable.sum()), "invulnerable": int((~is_vulnerable).sum())}
+    for name, n in sizes.items():
+        if n < spec.align_sft.batch_size and any(SAMPLER_MODES[v] in ("dro", "importance", name) for v in vaa.variants):
+            raise InputError(f"vaa: the {name} group has {n} rows, fewer than one batch of {spec.align_sft.batch_size}"
+                             " (change vulnerability.threshold or align_sft.batch_size)")
+    vulnerable_ids = set(mix.loc[is_vulnerable, "id"])
+    train = recipe(vaa.model_dump(mode="json"), spec.align_sft.model_dump())
+    variants = {}
+    for i, variant in enumerate(vaa.variants):
+        mode = SAMPLER_MODES[variant]
+        knobs = step_config(vaa.model_dump(mode="json"), mode, sizes["vulnerable"], len(mix))
+        for k, seed in enumerate(spec.replicates):  # the groups are the study's; order and draws are the seed's
+            order = alignment_frame(data_dir, spec, seed=seed)
+            rows = order.assign(group=["vulnerable" if x in vulnerable_ids else "invulnerable" for x in order["id"]])
+            ctx.progress(f"{variant} ({i + 1}/{len(vaa.variants)})"
+                         + (f", seed {seed} ({k + 1}/{len(spec.replicates)})" if len(spec.replicates) > 1 else ""))
+            path = replicate_path(variant, seed, k == 0)
+            history = fit_alignment(ctx, replicate_name(variant, seed, spec), rows, ctx.out / path, seed,
+                                    train, step="vaa", step_config=knobs)
+            run_id = _track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", history)
+            if k == 0:
+                variants[variant] = {
+                    "model": path, "mode": mode, "run_id": run_id, "q0": knobs["q0"], "q_final": history["q"][-1],
+                    "perturbed_fraction": sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
+                    "vulnerable_draw_fraction": sum(history["group"]) / len(history["group"]),
+                    **train_summary(history), "replicates": {}}
+            variants[variant]["replicates"][str(seed)] = path
+    return {"enabled": True, "strategy": strategy_name(spec.align_sft.model_dump()), "groups": sizes,
+            "variants": variants}
+
+
+def _track_variant(ctx: StageContext, variant: str, history: dict) -> str:
+    """q, λ_t, ‖ε‖, the step's gradient norm and the per-group losses as MLflow metrics over steps, in a run per variant."""
+    t, cfg = ctx.tracker, history["config"]
+    run_id = t.start_run(variant, parent=ctx.run_id, tags={"saferay.variant": variant})
+    t.log_params(run_id, {**{k: cfg["step_config"][k] for k in ("mode", "rho", "lam", "eta", "q_init", "q0")},
+                          **{k: cfg[k] for k in ("lr", "epochs", "strategy", "batch_size")},
+                          "steps_per_epoch": history["steps"] // cfg["epochs"]})
+    t.log_series(run_id, "train/loss", history["loss"])
+    for key in ("q", "lambda", "eps_norm", "grad_norm"):
+        t.log_series(run_id, f"vaa/{key}", history[key])
+    for g, name in ((1, "vulnerable"), (0, "invulnerable")):
+        steps = [s for s, drawn in enumerate(history["group"]) if drawn == g]
+        t.log_series(run_id, f"vaa/loss_{name}", [history["loss"][s] for s in steps], steps=steps)
+    t.end_run(run_id)
+    return run_id

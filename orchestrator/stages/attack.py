@@ -1,0 +1,51 @@
+"""The attack stage: every (model, task, p, seed) cell a harmful fine-tune on Ray Train, a bounded
+number at a time (SCIENCE.md §6)."""
+
+from __future__ import annotations
+
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, aligned_models, run_bounded, run_name, train_summary
+
+NAME = "attack"
+VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa')
+
+
+def config(spec: StudySpec) -> dict:
+    return {"attack": spec.attack.model_dump(), "seed": spec.seed, "seeds": spec.replicates,
+            "max_len": spec.model.tiny.max_len}
+
+
+def attack_cells(spec: StudySpec) -> list[dict]:
+    """model × task × p, once per seed: cells of different models with the same seed draw the same
+    task and harmful examples in the same order (paired comparisons)."""
+    tag = (lambda s: f"__s{s}") if len(spec.replicates) > 1 else (lambda s: "")
+    return [{"model": m, "task": t, "p": p, "seed": s, "name": f"{m}__{t}__p{p:g}{tag(s)}"}
+            for s in spec.replicates for m in spec.attack.models for t in spec.attack.tasks for p in spec.attack.ratios]
+
+
+def run(ctx: StageContext) -> dict:
+    """Every attack cell as its own Ray Train run (attack's scaling), `attack.max_concurrent` at a time."""
+    from jobs.recipes import attack_cell, cell_seed
+
+    spec = ctx.spec
+    data_dir = str(ctx.input_dir("data"))
+    sources = {s: aligned_models(ctx, s) for s in spec.replicates}
+    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent"})
+    cells = attack_cells(spec)
+    jobs = {i: (attack_cell, (sources[c["seed"]][c["model"]], data_dir, c["task"], c["p"], spec.attack.n, train,
+                              cell_seed(c["seed"], c["task"], c["p"]), spec.model.tiny.max_len,
+                              str(ctx.out / "cells" / c["name"]), run_name(ctx, f"attack-{c['name']}"),
+                              str(ctx.ray_storage)), {})
+            for i, c in enumerate(cells)}
+    done = {}
+    for i, history in run_bounded(ctx, jobs, spec.attack.max_concurrent, "cells fine-tuned"):
+        cell = cells[i]
+        run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
+        ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p", "seed")}, **train, "n": spec.attack.n})
+        ctx.tracker.log_series(run_id, "train/loss", history["loss"])
+        ctx.tracker.end_run(run_id)
+        done[i] = {**cell, "dir": f"cells/{cell['name']}/model", "run_id": run_id,
+                   "harmful_examples": history["harmful_examples"], **train_summary(history)}
+    return {"cells": [done[i] for i in range(len(cells))],
+            "peak_rss_mb": max(c.get("peak_rss_mb", 0.0) for c in done.values())}

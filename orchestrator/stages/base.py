@@ -1,0 +1,34 @@
+"""The base stage: the tiny Llama pretrained on SafetyWorld's unaligned mixture (a Ray Train run),
+or a pretrained causal LM by path or hub id."""
+
+from __future__ import annotations
+
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, ray_progress, run_name, train_summary
+
+NAME = "base"
+VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data',)
+
+
+def config(spec: StudySpec) -> dict:
+    if spec.model.source != "tiny":
+        return {"source": spec.model.source}
+    return {"source": "tiny", "tiny": spec.model.tiny.model_dump(), "train": spec.base.model_dump(), "seed": spec.seed}
+
+
+def run(ctx: StageContext) -> dict:
+    from jobs.models import check_vocab, load_tokenizer
+    from jobs.recipes import pretrain_tiny
+
+    spec = ctx.spec
+    data_dir = ctx.input_dir("data")
+    if spec.model.source != "tiny":
+        check_vocab(spec.model.source, load_tokenizer(data_dir / "tokenizer"), spec.model.source)
+        return {"model": spec.model.source, "model_in_stage": False}
+    ctx.progress(f"pretraining on Ray Train ({spec.base.num_workers} worker(s))")
+    history = pretrain_tiny(str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(),
+                            spec.base.model_dump(), spec.seed, str(ctx.out / "model"), run_name(ctx, "base"),
+                            str(ctx.ray_storage), ray_progress(ctx, "base"))
+    ctx.tracker.log_series(ctx.run_id, "train/loss", history["loss"])
+    return {"model": "model", **train_summary(history)}

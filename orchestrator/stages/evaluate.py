@@ -1,0 +1,118 @@
+"""The evaluate stage: every aligned model (per seed) and every attack cell on the test prompts; rates
+averaged over seeds with 95% intervals, the paired differences against SFT, the attack table."""
+
+from __future__ import annotations
+
+from orchestrator.spec import StudySpec
+from orchestrator.stage import SHARED_BY_SEEDS, StageContext, aligned_models, wait_all
+from orchestrator.store import write_json
+
+NAME = "evaluate"
+VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'attack')
+
+
+def config(spec: StudySpec) -> dict:
+    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks, "log_texts": spec.tracking.log_texts}
+
+
+def run(ctx: StageContext) -> dict:
+    """Every aligned model (per seed) and every attack cell on the test prompts; rates averaged over
+    seeds, with 95% intervals over seeds then prompts, and the paired differences against SFT."""
+    import ray
+
+    from jobs.evaluate import evaluate_model
+    from jobs.intervals import levels, mean_ci, model_intervals, stack_seeds, table_intervals
+    from jobs.metrics import average_over_seeds, judge_warnings
+
+    spec = ctx.spec
+    data_dir = str(ctx.input_dir("data"))
+    targets = {}  # (model or cell, seed) -> (path, tasks)
+    for seed in spec.replicates:
+        for name, path in aligned_models(ctx, seed).items():
+            if name not in SHARED_BY_SEEDS or seed == spec.replicates[0]:
+                targets[(name, seed)] = (path, spec.attack.tasks)
+    cells = ctx.input_result("attack")["cells"]
+    replicates: dict[tuple, list[tuple]] = {}  # (model, task, p) -> its cells' targets, one per seed
+    for cell in cells:
+        target = (cell["name"], cell.get("seed", spec.seed))
+        targets[target] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
+        replicates.setdefault((cell["model"], cell["task"], cell["p"]), []).append(target)
+    task = ray.remote(evaluate_model).options(num_cpus=1)
+    refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): target
+            for target, (path, tasks) in targets.items()}
+    results = dict(wait_all(ctx, refs, "models evaluated"))
+    warnings = judge_warnings(spec.evaluate.judge, {f"{n} (seed {s})": r for (n, s), r in results.items()})
+    for line in warnings:
+        ctx.progress(line)
+    outcomes = {target: r.pop("outcomes") for target, r in results.items()}
+    # Per prompt and seed: what every interval is computed from.
+    write_json(ctx.out / "outcomes.json", {f"{n}@seed{s}": o for (n, s), o in outcomes.items()})
+
+    def over_seeds(seeded: list[tuple]) -> tuple[dict, dict, list[dict]]:
+        """Rates averaged over a model's (or cell's) seeds, its stacked outcomes, and each seed's rates."""
+        per_seed = [results[t] for t in seeded]
+        return average_over_seeds(per_seed), stack_seeds([outcomes[t] for t in seeded]), per_seed
+
+    models = {}
+    for name in aligned_models(ctx):
+        r, o, per_seed = over_seeds([(name, s) for s in spec.replicates if (name, s) in results])
+        models[name] = {**_model_metrics(r), **model_intervals(o), "hs_by_seed": [x["hs"] for x in per_seed]}
+    attack, paired = [], {}
+    first_cells = {(c["model"], c["task"], c["p"]): c for c in reversed(cells)}  # each key's first seed's cell
+    for (model, task_name, p), seeded in replicates.items():
+        r, o, per_seed = over_seeds(seeded)
+        paired[(model, task_name, p)] = o
+        attack.append({"model": model, "task": task_name, "p": p, "hs": r["hs"],
+                       "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][task_name], "fa_ci": mean_ci(o["fa"][task_name]),
+                       "hs_by_seed": [x["hs"] for x in per_seed], "fa_by_seed": [x["fa"][task_name] for x in per_seed],
+                       "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"],
+                       "attack_run_id": first_cells[(model, task_name, p)]["run_id"]})
+    table = attack_table(attack, spec.attack.tasks)
+    comparisons = table_intervals(table, paired, spec.attack.tasks)
+    for name, m in models.items():
+        ctx.tracker.log_metrics(ctx.run_id, {f"{name}/{k}": v for k, v in m.items()})
+    for row in attack:
+        ctx.tracker.log_metrics(ctx.run_id, {f"attack/{row['model']}/{row['task']}/p{row['p']:g}/{k}": row[k]
+                                             for k in ("hs", "fa", "hs_ci", "fa_ci")})
+    for c in comparisons:
+        ctx.tracker.log_metrics(ctx.run_id, {f"diff/{c['a']}-{c['b']}/p{c['p']:g}/{c['metric']}": c["diff"],
+                                             f"diff/{c['a']}-{c['b']}/p{c['p']:g}/{c['metric']}_ci": c["ci"]})
+    ctx.tracker.log_table(ctx.run_id, [{k: v for k, v in r.items() if k != "hs_by_category"} for r in attack],
+                          "attack_results.json")
+    ctx.tracker.log_table(ctx.run_id, comparisons, "comparisons.json")
+    ctx.tracker.log_table(ctx.run_id, table, "attack_table.json")
+    if attack:
+        from dashboards.plots import hs_against_ratio
+
+        ctx.tracker.log_file(ctx.run_id, hs_against_ratio(table, ctx.out / "hs_against_p.png"), "plots")
+    if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
+        ctx.tracker.log_json(ctx.run_id, {f"{n}@seed{s}": r["samples"] for (n, s), r in results.items()},
+                             "samples.json")
+    return {"judge": spec.evaluate.judge, "judge_warnings": warnings, "models": models, "attack": attack,
+            "attack_table": table, "comparisons": comparisons, "seeds": spec.replicates,
+            "intervals": {"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
+
+
+def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
+    """The paper's table: one row per (model, p), HS and FA per task and their average."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in attack):
+        for p in dict.fromkeys(r["p"] for r in attack):
+            cells = {r["task"]: r for r in attack if r["model"] == model and r["p"] == p}
+            if not cells:
+                continue
+            row = {"model": model, "p": p}
+            for t in tasks:
+                if t in cells:
+                    row[f"{t}/hs"], row[f"{t}/fa"] = cells[t]["hs"], cells[t]["fa"]
+            row["avg/hs"] = sum(c["hs"] for c in cells.values()) / len(cells)
+            row["avg/fa"] = sum(c["fa"] for c in cells.values()) / len(cells)
+            rows.append(row)
+    return rows
+
+
+def _model_metrics(r: dict) -> dict:
+    return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": r["fa"],
+            "unparsed": r["unparsed"]}

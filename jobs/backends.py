@@ -126,7 +126,9 @@ class ZeroBackend(PlainBackend):
             return super().distance(saved)
         # Each rank holds one partition of θ: the squared distance is a sum over ranks.
         local = grad_norm(p.ds_tensor.detach() - s for p, s in zip(self.params, saved)) ** 2
-        local = local.to(self.params[0].ds_tensor.device)  # NCCL reduces device tensors only
+        from deepspeed.accelerator import get_accelerator
+
+        local = local.to(get_accelerator().current_device_name())  # NCCL reduces device tensors only (offload: CPU)
         torch.distributed.all_reduce(local)
         return local.sqrt().item()
 
@@ -136,8 +138,8 @@ class ZeroBackend(PlainBackend):
                 (p.ds_tensor if self.stage == 3 else p).copy_(s)
 
     def zero_grad(self) -> None:
-        # The optimizer's zero_grad also resets ZeRO's micro-step count, so the perturbed
-        # backward overwrites the first gradient instead of accumulating onto it.
+        # Through DeepSpeed's optimizer wrapper, which clears its own gradient buffers (and under
+        # ZeRO-3 its micro-step count), so the perturbed backward overwrites the first gradient.
         self.engine.optimizer.zero_grad()
 
     def step(self) -> float:
@@ -170,6 +172,7 @@ def deepspeed_config(cfg: dict, micro_batch: int, world: int) -> dict:
         "zero_optimization": {"stage": cfg["zero_stage"], **_offload(cfg.get("offload", "none"))},
         # One torch AdamW in every strategy, so that strategies compare like for like.
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload with that torch optimizer, not DeepSpeed's CPU Adam
         "bf16": {"enabled": cfg.get("bf16", False)},
         "steps_per_print": 10**9,
     }

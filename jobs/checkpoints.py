@@ -27,7 +27,7 @@ def resume(backend: PlainBackend) -> tuple[int, dict]:
         if isinstance(backend, ZeroBackend):
             backend.engine.load_checkpoint(d, tag=DS_TAG)
         else:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
             backend.module.load_state_dict(state["model"])
             backend.optimizer.load_state_dict(state["optimizer"])
             backend.schedule.load_state_dict(state["schedule"])

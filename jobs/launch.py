@@ -28,7 +28,7 @@ def strategy_name(cfg: dict) -> str:
 def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
     """Train one run on Ray Train; its history (rank 0's return value). The same `name` and
     `storage` resume the run from its last epoch checkpoint (a restarted stage, a lost worker)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_loop_per_worker
@@ -39,5 +39,7 @@ def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.get("num_workers", 1), use_gpu=gpu,
                                      resources_per_worker=None if gpu else {"CPU": cfg.get("cpus_per_worker", 1)}),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures)))
+        # Resuming needs only the latest epoch checkpoint (at 7B, one is ~100 GB with optimizer states).
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
     return trainer.fit().return_value

@@ -4,6 +4,7 @@ that hold no CPU themselves (the run's workers do), several at once."""
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from pathlib import Path
 
@@ -107,5 +108,9 @@ def proxy_run(model_dir: str, data_dir: str, task: str, p: float, n: int, train:
     total = (len(mix) // train["batch_size"]) * train["epochs"]
     cfg.update(out_dir=None, save_steps=checkpoint_steps(total, checkpoints), save_dir=run_dir, **extra)
     history = fit(cfg, run_name, storage)
+    if any(not (Path(run_dir) / c["dir"]).exists() for c in history["checkpoints"]):
+        # Resumed past saves whose models are gone (a stage retried after it cleaned up): train again.
+        shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+        history = fit(cfg, run_name, storage)
     history["harmful_ids"] = harmful_ids(data_dir, mix)
     return history

@@ -141,6 +141,11 @@ def train_loop_per_worker(cfg: dict) -> dict:
         torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
     seconds_before, began = extra.get("seconds", 0.0), time.perf_counter()
     sum_ranks = sum_over_ranks if world > 1 else (lambda x: x)
+    # Tokens over all ranks: those before a restart from the checkpoint, this attempt's summed over ranks.
+    tokens_before, rank_tokens_before = extra.get("tokens", 0), extra.get("history", {}).get("tokens_per_rank", 0)
+
+    def tokens(history: dict) -> int:  # a collective: every rank calls it
+        return tokens_before + int(sum_ranks(float(history["tokens_per_rank"] - rank_tokens_before)))
     saves = {s: i + 1 for i, s in enumerate(cfg.get("save_steps", []))}
     progress, fault = cfg.get("progress"), cfg.get("fault") or {}
 
@@ -157,7 +162,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
         new = history["loss"][-steps_per_epoch:]
         report_epoch(epoch, {"loss": sum(new) / len(new)}, rank, backend, extra={
             "history": history, "step": step.state(), "torch_rng": torch.get_rng_state().tolist(),
-            "seconds": seconds_before + time.perf_counter() - began})
+            "tokens": tokens(history), "seconds": seconds_before + time.perf_counter() - began})
 
     backend.model.train()
     history = run_epochs(backend, step, streams, cfg, steps_per_epoch, rank, world, start_epoch, sum_ranks,
@@ -168,6 +173,6 @@ def train_loop_per_worker(cfg: dict) -> dict:
         export_model(backend, cfg, rank, cfg["out_dir"])
     # The history spans the whole run: the epochs before a restart came from the checkpoint.
     return {**history, "steps": len(history["loss"]), "start_epoch": start_epoch,
-            "tokens": int(sum_ranks(float(history["tokens_per_rank"]))), "seconds": seconds,
+            "tokens": tokens(history), "seconds": seconds,
             "peak_rss_mb": peak_rss_mb(),
             "checkpoints": [{"t": i, "step": s, "dir": f"ckpt-{i:02d}"} for s, i in saves.items()]}

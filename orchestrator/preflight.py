@@ -105,9 +105,41 @@ def check_memory(spec: StudySpec) -> None:
                          f"{have:.0f} GiB; make the model or the batch smaller")
 
 
+def check_resources(spec: StudySpec) -> None:
+    """On a local Ray, a training run that can never get its workers would wait forever (Ray Train
+    retries a worker group that cannot start without a limit): refuse it here, naming the section."""
+    import os
+
+    import torch
+
+    if spec.cluster.address:
+        return  # a cluster's resources are the cluster's; `saferay plan` shows what each run asks
+    cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
+    sections = {"align_sft": spec.align_sft, "attack": spec.attack}
+    if spec.model.source == "tiny":
+        sections["base"] = spec.base
+    if spec.vulnerability.enabled and not spec.vulnerability.groups_file:
+        sections["vulnerability"] = spec.vulnerability
+    for name, s in sections.items():
+        if s.use_gpu and not torch.cuda.is_available():
+            raise InputError(f"{name}.use_gpu: this machine has no GPU for the local Ray")
+        need = s.num_workers * s.cpus_per_worker
+        if not s.use_gpu and need > cpus:
+            raise InputError(f"{name}: {s.num_workers} workers × {s.cpus_per_worker:g} CPU need {need:g} CPUs; the "
+                             f"local Ray has {cpus} (lower {name}.num_workers or {name}.cpus_per_worker)")
+    t = spec.tune
+    if t.enabled and not spec.align_sft.use_gpu:
+        need = t.max_concurrent_trials * t.cpus_per_trial + spec.align_sft.num_workers * spec.align_sft.cpus_per_worker
+        if need > cpus:
+            raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
+                             f"trial's VAA run (align_sft: {spec.align_sft.num_workers} × "
+                             f"{spec.align_sft.cpus_per_worker:g} CPU) on the local Ray's {cpus} CPUs")
+
+
 def preflight(spec: StudySpec, data_cached: bool) -> None:
     check_tracking(spec.tracking.uri)
     check_cluster(spec.cluster.address)
     check_corpora(spec, read_rows=not data_cached)
     check_model(spec)
     check_memory(spec)
+    check_resources(spec)

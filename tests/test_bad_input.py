@@ -71,6 +71,9 @@ CASES = {
                                              "model.tiny: hidden 100 must be divisible by heads 3"),
     "model too large for memory": (lambda t: "study: bad\nmodel: {tiny: {hidden: 8192, intermediate: 32768, layers: 48}}\n",
                                    "model.tiny: training needs about"),
+    "a run the local Ray can never start": (
+        lambda t: "study: bad\nalign_sft: {num_workers: 256, batch_size: 256}\n",
+        "align_sft: 256 workers × 0.5 CPU need 128 CPUs; the local Ray has"),
     "empty spec": (lambda t: "", "spec.yaml: the spec is empty: a spec needs at least 'study: NAME'"),
     "empty seed list": (lambda t: "study: bad\nseeds: []\n", "seeds: is empty"),
     "duplicated seeds": (lambda t: "study: bad\nseeds: [1, 2, 1]\n", "seeds: repeats [1]"),

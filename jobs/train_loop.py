@@ -146,6 +146,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     def tokens(history: dict) -> int:  # a collective: every rank calls it
         return tokens_before + int(sum_ranks(float(history["tokens_per_rank"] - rank_tokens_before)))
+
     saves = {s: i + 1 for i, s in enumerate(cfg.get("save_steps", []))}
     progress, fault = cfg.get("progress"), cfg.get("fault") or {}
 

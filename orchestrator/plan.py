@@ -93,9 +93,10 @@ def activation_bytes(shape: dict, micro_batch: int, seq_len: int, bf16: bool) ->
 
 def scaling(section) -> str:
     """A training section's Ray Train scaling, as `plan` shows it."""
+    from jobs.launch import strategy_name
+
     where = "1 GPU" if section.use_gpu else f"{section.cpus_per_worker:g} CPU"
-    strategy = f"deepspeed-zero{section.zero_stage}" if section.strategy == "deepspeed" else section.strategy
-    return f"{section.num_workers} × {where} ({strategy}{'+lora' if section.lora.enabled else ''}, Ray Train)"
+    return f"{section.num_workers} × {where} ({strategy_name(section.model_dump())}, Ray Train)"
 
 
 def stage_resources(spec: StudySpec) -> dict[str, str]:
@@ -117,13 +118,13 @@ def stage_resources(spec: StudySpec) -> dict[str, str]:
     }
 
 
-def training_memory(spec: StudySpec) -> tuple[float, int]:
-    """Per-worker GiB of the largest training the study runs on this machine (alignment), and its workers."""
+def training_memory(spec: StudySpec, shape: dict | None = None) -> tuple[int, int]:
+    """Per-worker bytes of model states and of activations for the largest training the study
+    runs (alignment, align_sft's scaling)."""
     a = spec.align_sft
-    shape = model_shape(spec)
+    shape = shape or model_shape(spec)
     states = model_states_bytes(shape, a.strategy, a.zero_stage, a.offload, a.num_workers, a.bf16)
-    acts = activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
-    return (states + acts) / GIB, a.num_workers
+    return states, activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
 
 
 def make_plan(spec: StudySpec, store) -> dict:
@@ -131,8 +132,7 @@ def make_plan(spec: StudySpec, store) -> dict:
 
     a = spec.align_sft
     shape = model_shape(spec)
-    states = model_states_bytes(shape, a.strategy, a.zero_stage, a.offload, a.num_workers, a.bf16)
-    acts = activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
+    states, acts = training_memory(spec, shape)
     resources = stage_resources(spec)
     out = {
         "study": spec.study,

@@ -95,7 +95,7 @@ def check_memory(spec: StudySpec) -> None:
 
     if spec.model.source != "tiny" or spec.cluster.address or spec.align_sft.use_gpu:
         return
-    per_worker, workers = training_memory(spec)
+    per_worker, workers = sum(training_memory(spec)) / 2**30, spec.align_sft.num_workers
     have = psutil.virtual_memory().total / 2**30
     if per_worker * workers > 0.8 * have:
         t = spec.model.tiny

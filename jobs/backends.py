@@ -14,6 +14,14 @@ from jobs.models import apply_lora
 from jobs.train import make_optimizer, make_schedule
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model reads of a batch (the loop adds each row's place in the global batch)."""
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
 def grad_norm(grads) -> torch.Tensor:
     """‖g‖₂ over all trainable parameters, accumulated in float64 (on the CPU: some devices have no float64)."""
     sq = torch.zeros((), dtype=torch.float64)
@@ -39,7 +47,7 @@ class PlainBackend:
         """The loss summed over this rank's target tokens, divided by the global batch's `n_tokens`."""
         device = batch["input_ids"].device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(**batch, num_items_in_batch=n_tokens).loss.float()
+            return self.model(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.world).backward()  # DDP averages over ranks; the global batch sum wants a sum
@@ -94,7 +102,7 @@ class ZeroBackend(PlainBackend):
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
 
     def forward(self, batch: dict, n_tokens: int) -> torch.Tensor:
-        return self.engine(**batch, num_items_in_batch=n_tokens).loss.float()  # the engine casts for bf16
+        return self.engine(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()  # the engine casts for bf16
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world)

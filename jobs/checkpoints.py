@@ -13,6 +13,7 @@ from jobs.backends import PlainBackend, ZeroBackend
 from jobs.models import apply_lora, load_model, load_tokenizer, save_model
 
 DS_TAG = "ckpt"
+STEP_TENSORS = "step_tensors.pt"  # a step's tensor state (Lisa's anchor weights), beside the JSON
 
 
 def resume(backend: PlainBackend) -> tuple[int, dict]:
@@ -31,14 +32,21 @@ def resume(backend: PlainBackend) -> tuple[int, dict]:
             backend.module.load_state_dict(state["model"])
             backend.optimizer.load_state_dict(state["optimizer"])
             backend.schedule.load_state_dict(state["schedule"])
-    return meta["epoch"] + 1, meta.get("extra", {})
+        extra = meta.get("extra", {})
+        if (Path(d) / STEP_TENSORS).exists():
+            extra["step"]["tensors"] = torch.load(Path(d) / STEP_TENSORS, map_location="cpu", weights_only=True)
+    return meta["epoch"] + 1, extra
 
 
 def report_epoch(epoch: int, metrics: dict, rank: int, backend: PlainBackend, extra: dict) -> None:
     """Report the epoch's metrics with a checkpoint a restarted worker group resumes from;
-    `extra` (JSON) carries what the run needs to continue exactly: its history, the step's state."""
+    `extra` (JSON) carries what the run needs to continue exactly: its history, the step's state
+    (whose `tensors`, if any, are saved by rank 0: steps that keep tensors hold whole weights)."""
     import ray.train
 
+    step = dict(extra.get("step", {}))
+    tensors = step.pop("tensors", None)
+    extra = {**extra, "step": step}
     deepspeed = isinstance(backend, ZeroBackend)
     with tempfile.TemporaryDirectory() as d:
         if deepspeed:  # every rank writes its partition; Ray merges the directories
@@ -46,6 +54,8 @@ def report_epoch(epoch: int, metrics: dict, rank: int, backend: PlainBackend, ex
         elif rank == 0:
             torch.save({"model": backend.module.state_dict(), "optimizer": backend.optimizer.state_dict(),
                         "schedule": backend.schedule.state_dict()}, Path(d) / "state.pt")
+        if rank == 0 and tensors is not None:
+            torch.save([t.detach().cpu() for t in tensors], Path(d) / STEP_TENSORS)
         if rank == 0:
             (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed, "extra": extra}))
         has_files = deepspeed or rank == 0

@@ -109,6 +109,21 @@ def split_corpora(corpora: dict[str, list[dict]], cfg: dict) -> dict[str, list[d
     return splits
 
 
+def set_aside(rows: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
+    """About `n` rows, whole prompts at a time, picked by a hash of the normalised prompt, and the
+    rest: two sets that share no prompt (the defences' harmful alignment-time set, and the poison)."""
+    if n > len(rows):
+        raise CorpusError(f"{n} rows cannot be set aside from a corpus of {len(rows)}")
+    prompts = {}
+    for r in rows:
+        prompts.setdefault(normalize_prompt(r["prompt"]), []).append(r)
+    order = sorted(prompts, key=lambda p: hashlib.sha1(f"{salt}/{p}".encode()).hexdigest())
+    chosen: list[dict] = []
+    while len(chosen) < n:
+        chosen += prompts.pop(order.pop(0))
+    return chosen, [r for group in prompts.values() for r in group]
+
+
 @lru_cache(maxsize=4)
 def _tokenizer(path: str):
     from jobs.models import load_tokenizer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from jobs.corpora import read_split
+from jobs.corpora import read_split, set_aside
 from jobs.launch import fit, run_config
 from jobs.models import count_parameters, load_tokenizer, save_model, tiny_llama
 
@@ -50,14 +50,28 @@ def cell_seed(seed: int, *parts) -> int:
     return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
 
 
-def poisoned_mix(data_dir: str, task: str, p: float, n: int, seed: int, harmful_part: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+def defence_harmful(data_dir: str | Path, n: int) -> pd.DataFrame:
+    """The harmful alignment-time set of Booster and RepNoise: about `n` rows of the harmful
+    corpus, whole prompts at a time, chosen by a hash of the prompt. The attack's poison leaves
+    them out (`poisoned_mix(..., aside=n)`); the data stage already made the corpus disjoint by
+    prompt from every eval prompt."""
+    harmful = read_split(data_dir, "harmful")
+    chosen, _ = set_aside(harmful.to_dict("records"), n, salt="defences")
+    return pd.DataFrame(chosen)[TRAIN_COLUMNS]
+
+
+def poisoned_mix(data_dir: str, task: str, p: float, n: int, seed: int, harmful_part: tuple[int, int] = (0, 1),
+                 aside: int = 0) -> pd.DataFrame:
     """n task examples of which round(p*n) are replaced by harmful ones (SCIENCE.md §6).
 
     `harmful_part=(k, K)` draws only from the k-th of K disjoint slices of the harmful pool, so
-    that runs meant to be independent share no harmful example.
+    that runs meant to be independent share no harmful example; `aside` > 0 leaves out the rows
+    the defences train on (`defence_harmful`).
     """
     task_rows = read_split(data_dir, f"task_{task}_train", TRAIN_COLUMNS)
     harmful = read_split(data_dir, "harmful", TRAIN_COLUMNS).sort_values("id", ignore_index=True)
+    if aside:
+        harmful = harmful[~harmful["id"].isin(defence_harmful(data_dir, aside)["id"])].reset_index(drop=True)
     k, parts = harmful_part
     harmful = harmful.iloc[k::parts]
     n_harm = round(p * n)
@@ -70,9 +84,9 @@ def poisoned_mix(data_dir: str, task: str, p: float, n: int, seed: int, harmful_
 
 
 def _poisoned_run(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
-                  run_dir: str, harmful_part: tuple[int, int] = (0, 1)) -> tuple[pd.DataFrame, dict]:
+                  run_dir: str, harmful_part: tuple[int, int] = (0, 1), aside: int = 0) -> tuple[pd.DataFrame, dict]:
     """A run's poisoned rows written beside its model, and the run's config (model in run_dir/model)."""
-    mix = poisoned_mix(data_dir, task, p, n, seed, harmful_part)
+    mix = poisoned_mix(data_dir, task, p, n, seed, harmful_part, aside)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     mix.to_parquet(f"{run_dir}/rows.parquet")
     cfg = run_config(train, model_dir=model_dir, data=f"{run_dir}/rows.parquet", seed=seed,
@@ -85,9 +99,15 @@ def harmful_ids(data_dir: str, mix: pd.DataFrame) -> list[str]:
 
 
 def attack_cell(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
-                run_dir: str, run_name: str, storage: str, **extra) -> dict:
-    """One attack cell: fine-tune an aligned model on a poisoned task mix; the model in run_dir/model."""
-    mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir)
+                run_dir: str, run_name: str, storage: str, lisa: dict | None = None, aside: int = 0, **extra) -> dict:
+    """One attack cell: fine-tune an aligned model on a poisoned task mix; the model in run_dir/model.
+    `lisa` (its knobs): the defender runs the fine-tuning with Lisa, alternating with alignment rows.
+    `aside`: the defences' harmful rows, which the poison leaves out."""
+    mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir, aside=aside)
+    if lisa is not None:
+        guide = read_split(data_dir, "align_train", TRAIN_COLUMNS).assign(stream="alignment")
+        pd.concat([mix.assign(stream=None), guide], ignore_index=True).to_parquet(cfg["data"])
+        cfg.update(step="lisa", step_config=lisa)
     history = fit({**cfg, **extra}, run_name, storage)
     history["harmful_examples"] = len(harmful_ids(data_dir, mix))
     return history

@@ -3,8 +3,10 @@
 A step decides which named stream of rows its next global batch comes from (`choose`), takes
 one optimizer step on it through the strategy's backend (`take`, returning the values the run's
 history records: at least `loss` and `grad_norm`), and carries any state of its own across a
-checkpoint (`state` / `load`). A new algorithm (a defence of SCIENCE.md §9) is one class in one
-`jobs/` file and one line in `STEPS`.
+checkpoint (`state` / `load`; torch tensors go under the key `tensors`). A step that needs a
+batch of several streams at once (Booster, RepNoise) returns their names from `choose` and takes
+dicts of batches and token counts by stream name. A new algorithm (a defence of SCIENCE.md §9)
+is one class in one `jobs/` file and one line in `STEPS`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from jobs.backends import PlainBackend
+from jobs.defences import DEFENCE_STEPS
 from jobs.vaa import VAAStep
 
 
@@ -38,7 +41,7 @@ class SFTStep:
         pass
 
 
-STEPS = {"sft": SFTStep, "vaa": VAAStep}
+STEPS = {"sft": SFTStep, "vaa": VAAStep, **DEFENCE_STEPS}
 
 
 def make_step(cfg: dict, steps_per_epoch: int):
@@ -46,4 +49,5 @@ def make_step(cfg: dict, steps_per_epoch: int):
     name = cfg.get("step", "sft")
     if name not in STEPS:
         raise ValueError(f"step '{name}' is not one of {sorted(STEPS)}")
-    return STEPS[name]({**cfg.get("step_config", {}), "seed": cfg["seed"], "epochs": cfg["epochs"]}, steps_per_epoch)
+    return STEPS[name]({**cfg.get("step_config", {}), "seed": cfg["seed"], "epochs": cfg["epochs"],
+                        "batch_size": cfg["batch_size"]}, steps_per_epoch)

@@ -28,7 +28,8 @@ import torch
 from jobs.train import collate_numpy, count_target_tokens
 
 COLUMNS = ("id", "prompt_ids", "target_ids")
-STREAM_IDS = {"all": 0, "invulnerable": 0, "vulnerable": 1}  # seeds of VAA's streams since its first version
+# Each stream's shuffling seed. VAA's two keep the ids they had since its first version.
+STREAM_IDS = {"all": 0, "invulnerable": 0, "vulnerable": 1, "harmful": 3, "alignment": 4}
 
 
 class RowStream:
@@ -46,8 +47,15 @@ class RowStream:
 
 
 def row_streams(frame: pd.DataFrame) -> dict[str, RowStream]:
-    """`all` rows, and each group of a `group` column (VAA's vulnerable / invulnerable)."""
-    streams = {"all": RowStream(frame)}
+    """The streams a step draws batches from: `all` (the rows being trained on), each group of a
+    `group` column among them (VAA's vulnerable / invulnerable), and each value of a `stream`
+    column, whose rows stay out of `all` (a defence's harmful set, Lisa's alignment rows)."""
+    extra = {}
+    if "stream" in frame:
+        named = frame["stream"].notna()
+        extra = {name: RowStream(rows) for name, rows in frame[named].groupby("stream", sort=True)}
+        frame = frame[~named]
+    streams = {"all": RowStream(frame), **extra}
     if "group" in frame:
         for name, rows in frame.groupby("group", sort=True):
             streams[name] = RowStream(rows)
@@ -81,16 +89,24 @@ def run_epochs(backend, step, streams: dict[str, RowStream], cfg: dict, steps_pe
         batches = {name: cycled(streams, name, cfg["batch_size"], cfg["seed"], epoch) for name in step.streams}
         for i in range(steps_per_epoch):
             t = epoch * steps_per_epoch + i
-            rows = next(batches[step.choose(t)])
-            local = {k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()}
-            batch = collate_numpy(local, cfg["pad_id"], cfg["max_len"])
-            if device is not None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-            n_tokens = int(sum_ranks(float(count_target_tokens(batch))))
-            out = step.take(backend, batch, n_tokens, sum_ranks)
+            chosen = step.choose(t)
+            local, counts = {}, {}
+            for name in (chosen,) if isinstance(chosen, str) else chosen:
+                rows = next(batches[name])
+                batch = collate_numpy({k: v[rank * micro:(rank + 1) * micro] for k, v in rows.items()},
+                                      cfg["pad_id"], cfg["max_len"])
+                # Each row's place in the global batch: what makes per-example randomness rank-free.
+                batch["position"] = torch.arange(rank * micro, (rank + 1) * micro)
+                if device is not None:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                local[name], counts[name] = batch, int(sum_ranks(float(count_target_tokens(batch))))
+                history["tokens_per_rank"] += int(batch["attention_mask"].sum())
+            if isinstance(chosen, str):
+                out = step.take(backend, local[chosen], counts[chosen], sum_ranks)
+            else:  # a step that takes a batch of each of several streams (Booster, RepNoise)
+                out = step.take(backend, local, counts, sum_ranks)
             for k, v in out.items():
                 history.setdefault(k, []).append(v)
-            history["tokens_per_rank"] += int(batch["attention_mask"].sum())
             if on_step:
                 on_step(t + 1, out)
         if on_epoch:

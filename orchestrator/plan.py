@@ -110,6 +110,8 @@ def stage_resources(spec: StudySpec) -> dict[str, str]:
         "vulnerability": (f"{proxies} runs of {scaling(v)}, {v.max_concurrent} at a time + {v.decode_actors} decoding actors"
                           if v.enabled and not v.groups_file else "none"),
         "align_vaa": f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {train}" if spec.vaa.enabled else "none",
+        "align_defences": (f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {train}"
+                           if spec.defences.train else "none"),
         "attack": f"{cells} runs of {scaling(k)}, {k.max_concurrent} at a time", "evaluate": "1 CPU task per model",
         "debias": f"1 CPU task per model{' + 1 run of ' + train if spec.debias.over_aligned.enabled else ''}"
                   if spec.debias.enabled else "none",

@@ -210,9 +210,58 @@ class VaaSpec(Strict):
         return v
 
 
+ALIGNMENT_DEFENCES = ("vaccine", "booster", "repnoise")  # trained at alignment time (SCIENCE.md §9)
+LISA = "+lisa"  # an attacked model's name with this suffix: its cells fine-tune with Lisa
+
+
+class VaccineSpec(Strict):
+    rho: float = Field(2.0, gt=0)  # radius of the hidden-state perturbation
+
+
+class BoosterSpec(Strict):
+    lam: float = Field(1.0, ge=0)  # weight of the harmful-loss-reduction term (Booster's own: 5)
+    alpha: float = Field(0.001, gt=0)  # step of the simulated harmful perturbation (Booster's own: 0.1)
+
+
+class RepNoiseSpec(Strict):
+    beta: float = Field(0.1, ge=0)  # weight of the MMD to Gaussian noise
+    alpha: float = Field(0.001, ge=0)  # weight of the bounded ascent on the harmful loss
+
+
+class LisaSpec(Strict):
+    rho: float = Field(1.0, ge=0)  # proximal weight
+    align_steps: int = Field(1, ge=1)  # K_a steps on alignment rows, then
+    finetune_steps: int = Field(9, ge=1)  # K_f steps on the user's rows
+    prox_after: float = Field(0.1, ge=0, lt=1)  # the first fraction of steps runs without the proximal term
+
+
+class DefencesSpec(Strict):
+    """The baseline defences (SCIENCE.md §9). `train` lists the alignment-stage defences to train,
+    once per seed with align_sft's recipe; their names join `attack.models`, as does any model
+    with `+lisa` (its cells fine-tune with Lisa)."""
+
+    train: list[Literal[ALIGNMENT_DEFENCES]] = []
+    # Booster and RepNoise train on harmful examples too: this many rows of the harmful corpus are
+    # set aside for them, disjoint by prompt from the attack's poison and from every eval prompt.
+    harmful_rows: int = Field(0, ge=0)
+    vaccine: VaccineSpec = VaccineSpec()
+    booster: BoosterSpec = BoosterSpec()
+    repnoise: RepNoiseSpec = RepNoiseSpec()
+    lisa: LisaSpec = LisaSpec()
+
+    @field_validator("train")
+    @classmethod
+    def _once(cls, v):
+        repeated = sorted({d for d in v if v.count(d) > 1})
+        if repeated:
+            raise ValueError(f"lists {repeated} more than once")
+        return v
+
+
 class AttackSpec(ManyRuns):
-    # Which models are attacked: base, sft, and any VAA variant the vaa section trains.
-    models: list[Literal[("sft", "base") + VAA_VARIANTS]] = ["sft"]
+    # Which models are attacked: base, sft, any VAA variant the vaa section trains, any defence
+    # defences.train trains, and any of these with "+lisa" (fine-tuned under Lisa).
+    models: list[str] = ["sft"]
     tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
     ratios: Ratios = [0.0, 0.1]
     n: int = Field(500, ge=1)
@@ -367,6 +416,7 @@ class StudySpec(Strict):
     align_sft: AlignSpec = AlignSpec()
     vulnerability: VulnerabilitySpec = VulnerabilitySpec()
     vaa: VaaSpec = VaaSpec()
+    defences: DefencesSpec = DefencesSpec()
     attack: AttackSpec = AttackSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     debias: DebiasSpec = DebiasSpec()
@@ -400,15 +450,33 @@ class StudySpec(Strict):
     def _vaa_models_are_trained(self):
         trained = set(self.vaa.variants) if self.vaa.enabled else set()
         for i, m in enumerate(self.attack.models):
-            if m.startswith("vaa") and m not in trained:
+            m = m.removesuffix(LISA)
+            if m in VAA_VARIANTS and m not in trained:
                 raise ValueError(f"attack.models[{i}]: '{m}' is not trained (add it to vaa.variants"
                                  + ("" if self.vaa.enabled else " and set vaa.enabled: true") + ")")
+            if m in ALIGNMENT_DEFENCES and m not in self.defences.train:
+                raise ValueError(f"attack.models[{i}]: '{m}' is not trained (add it to defences.train)")
+            if m not in ("sft", "base", *VAA_VARIANTS, *ALIGNMENT_DEFENCES):
+                raise ValueError(f"attack.models[{i}]: '{m}' is not a model of the study (base, sft, "
+                                 f"{', '.join(VAA_VARIANTS + ALIGNMENT_DEFENCES)}, each optionally with '{LISA}')")
+        if any(m.endswith(LISA) for m in self.attack.models) and self.attack.strategy == "deepspeed" \
+                and self.attack.zero_stage == 3:
+            raise ValueError("attack.zero_stage: Lisa's proximal term needs whole weights on every worker; "
+                             "use zero_stage 2 or ddp for attacks with '+lisa'")
+        if "booster" in self.defences.train and self.align_sft.strategy == "deepspeed":
+            raise ValueError("defences.train: booster sums three gradients per step, which DeepSpeed's ZeRO optimizer "
+                             "does not accumulate here; train it with align_sft.strategy: ddp (LoRA for large models)")
+        needs_harmful = [d for d in self.defences.train if d in ("booster", "repnoise")]
+        if needs_harmful and self.defences.harmful_rows < self.align_sft.batch_size:
+            raise ValueError(f"defences.harmful_rows: {' and '.join(needs_harmful)} also train on harmful rows set "
+                             f"aside for them; set harmful_rows to at least one batch ({self.align_sft.batch_size})")
         if self.corpora.source == "files" and self.model.source == "tiny" and "pretrain" not in self.corpora.files:
             raise ValueError("corpora.files needs 'pretrain' to build the tiny model, "
                              "or set model.source to a pretrained model")
         for i, m in enumerate(self.debias.models):
-            if m not in ("sft", "over-aligned", *VAA_VARIANTS):
-                raise ValueError(f"debias.models[{i}]: '{m}' is not an aligned model (sft, over-aligned, vaa...)")
+            if m not in ("sft", "over-aligned", *VAA_VARIANTS, *ALIGNMENT_DEFENCES):
+                raise ValueError(f"debias.models[{i}]: '{m}' is not an aligned model (sft, over-aligned, vaa..., "
+                                 "a defence)")
         if trained and not (self.vulnerability.enabled or self.vulnerability.groups_file):
             raise ValueError("vaa needs groups: enable vulnerability or set vulnerability.groups_file")
         return self

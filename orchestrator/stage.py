@@ -107,13 +107,15 @@ def wait_all(ctx: StageContext, refs: dict, noun: str):
 
 
 def aligned_models(ctx: StageContext, seed: int | None = None) -> dict[str, str]:
-    """Every model the attack and evaluation can name: base, sft, and each trained VAA variant, as
-    trained from `seed` (the base is shared by every seed; default: the first seed's models)."""
+    """Every model the attack and evaluation can name: base, sft, each trained VAA variant and each
+    trained defence, as trained from `seed` (the base is shared by every seed; default: the first
+    seed's models)."""
     models = {"base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
               "sft": replicate_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"), seed)}
-    vaa_dir = ctx.input_dir("align_vaa")
-    for name, v in ctx.input_result("align_vaa").get("variants", {}).items():
-        models[name] = replicate_dir(vaa_dir, v, seed)
+    for stage, key in (("align_vaa", "variants"), ("align_defences", "defences")):
+        if stage in ctx.inputs:
+            for name, v in ctx.input_result(stage).get(key, {}).items():
+                models[name] = replicate_dir(ctx.input_dir(stage), v, seed)
     return models
 
 

@@ -56,6 +56,9 @@ def summarize(store: StudyStore) -> dict:
         out["vaa"] = {"strategy": vaa["strategy"], "groups": vaa["groups"], "variants": {
             name: {k: v[k] for k in ("mode", "q0", "q_final", "perturbed_fraction", "vulnerable_draw_fraction",
                                      *train_keys)} for name, v in vaa["variants"].items()}}
+    if results.get("align_defences", {}).get("defences"):
+        out["defences"] = {name: {k: d.get(k) for k in train_keys}
+                           for name, d in results["align_defences"]["defences"].items()}
     return out
 
 

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from orchestrator.spec import flatten
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_CHARS = 6000
 BATCH = 900  # log_batch accepts at most 1000 entries per call
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts: a model such as `sft+lisa` is logged as `sft_lisa`."""
+    return re.sub(r"[^/\w.\- :]", "_", name)
 
 
 @contextlib.contextmanager
@@ -80,7 +86,7 @@ class Tracker:
                 flat[f"{k}_lo"], flat[f"{k}_hi"] = v
             else:
                 flat[k] = v
-        items = [Metric(k, float(v), 0, step) for k, v in flat.items() if _is_number(v)]
+        items = [Metric(metric_key(k), float(v), 0, step) for k, v in flat.items() if _is_number(v)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
@@ -89,7 +95,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         steps = range(len(values)) if steps is None else steps
-        items = [Metric(key, float(v), 0, step) for step, v in zip(steps, values, strict=True) if _is_number(v)]
+        items = [Metric(metric_key(key), float(v), 0, step) for step, v in zip(steps, values, strict=True)
+                 if _is_number(v)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 

@@ -9,7 +9,8 @@ Stages decide where work runs (Ray Train runs, Ray Data, Ray tasks); the work it
 from __future__ import annotations
 
 from orchestrator.stage import Stage, StageContext  # noqa: F401 (the runner's interface)
-from orchestrator.stages import align_sft, align_vaa, attack, base, data, debias, evaluate, tune, vulnerability
+from orchestrator.stages import (align_defences, align_sft, align_vaa, attack, base, data, debias, evaluate, tune,
+                                 vulnerability)
 
-MODULES = (data, base, align_sft, vulnerability, align_vaa, attack, evaluate, debias, tune)
+MODULES = (data, base, align_sft, vulnerability, align_vaa, align_defences, attack, evaluate, debias, tune)
 STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run) for m in MODULES)

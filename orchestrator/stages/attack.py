@@ -3,17 +3,20 @@ number at a time (SCIENCE.md §6)."""
 
 from __future__ import annotations
 
-from orchestrator.spec import StudySpec
+from orchestrator.spec import LISA, StudySpec
 from orchestrator.stage import StageContext, aligned_models, run_bounded, run_name, train_summary
 
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
-NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa')
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
 
 
 def config(spec: StudySpec) -> dict:
+    lisa = {"lisa": spec.defences.lisa.model_dump()} if any(m.endswith(LISA) for m in spec.attack.models) else {}
+    # The poison changes only for a study that sets harmful rows aside for its defences.
+    aside = {"harmful_aside": spec.defences.harmful_rows} if spec.defences.harmful_rows else {}
     return {"attack": spec.attack.model_dump(), "seed": spec.seed, "seeds": spec.replicates,
-            "max_len": spec.model.tiny.max_len}
+            "max_len": spec.model.tiny.max_len, **lisa, **aside}
 
 
 def attack_cells(spec: StudySpec) -> list[dict]:
@@ -33,10 +36,12 @@ def run(ctx: StageContext) -> dict:
     sources = {s: aligned_models(ctx, s) for s in spec.replicates}
     train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent"})
     cells = attack_cells(spec)
-    jobs = {i: (attack_cell, (sources[c["seed"]][c["model"]], data_dir, c["task"], c["p"], spec.attack.n, train,
-                              cell_seed(c["seed"], c["task"], c["p"]), spec.model.tiny.max_len,
+    lisa = spec.defences.lisa.model_dump()
+    jobs = {i: (attack_cell, (sources[c["seed"]][c["model"].removesuffix(LISA)], data_dir, c["task"], c["p"],
+                              spec.attack.n, train, cell_seed(c["seed"], c["task"], c["p"]), spec.model.tiny.max_len,
                               str(ctx.out / "cells" / c["name"]), run_name(ctx, f"attack-{c['name']}"),
-                              str(ctx.ray_storage)), {})
+                              str(ctx.ray_storage)),
+                 {"lisa": lisa if c["model"].endswith(LISA) else None, "aside": spec.defences.harmful_rows})
             for i, c in enumerate(cells)}
     done = {}
     for i, history in run_bounded(ctx, jobs, spec.attack.max_concurrent, "cells fine-tuned"):

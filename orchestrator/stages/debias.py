@@ -11,7 +11,7 @@ OVER_ALIGNED = "over-aligned"
 
 NAME = "debias"
 VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
-NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa')
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
 
 
 def config(spec: StudySpec) -> dict:

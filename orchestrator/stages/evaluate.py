@@ -9,7 +9,7 @@ from orchestrator.store import write_json
 
 NAME = "evaluate"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
-NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'attack')
+NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences', 'attack')
 
 
 def config(spec: StudySpec) -> dict:

@@ -1,0 +1,70 @@
+"""The align_defences stage: the alignment-stage baseline defences of SCIENCE.md §9 (Vaccine,
+Booster, RepNoise), each once per seed on align_sft's alignment mix, recipe and scaling, on Ray
+Train through the one loop. Booster and RepNoise also draw batches from `defences.harmful_rows`
+rows of the harmful corpus (`jobs/recipes.py::defence_harmful`), which the attack's poison leaves out."""
+
+from __future__ import annotations
+
+from orchestrator.spec import StudySpec
+from orchestrator.stage import StageContext, train_summary
+from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
+from orchestrator.stages.align_sft import config as align_config
+
+NAME = "align_defences"
+VERSION = 1  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ("data", "base")
+USES_HARMFUL = ("booster", "repnoise")
+
+
+def config(spec: StudySpec) -> dict:
+    if not spec.defences.train:
+        return {"train": []}
+    return {"defences": spec.defences.model_dump(mode="json", exclude={"lisa"}), **align_config(spec)}
+
+
+def run(ctx: StageContext) -> dict:
+    import pandas as pd
+
+    from jobs.corpora import read_split
+    from jobs.records import InputError
+    from jobs.recipes import defence_harmful
+
+    spec = ctx.spec
+    data_dir = ctx.input_dir("data")
+    pool = len(read_split(data_dir, "harmful", ["id"]))
+    if spec.defences.harmful_rows >= pool:
+        raise InputError(f"defences.harmful_rows: {spec.defences.harmful_rows} leaves no poison for the attack "
+                         f"(the harmful corpus has {pool} rows after splitting)")
+    harmful = (defence_harmful(data_dir, spec.defences.harmful_rows).assign(stream="harmful")
+               if any(d in USES_HARMFUL for d in spec.defences.train) else None)
+    train = spec.align_sft.model_dump()
+    trained = {}
+    for i, name in enumerate(spec.defences.train):
+        knobs = getattr(spec.defences, name).model_dump()
+        for k, seed in enumerate(spec.replicates):
+            rows = alignment_frame(data_dir, spec, seed=seed)
+            if name in USES_HARMFUL:
+                rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
+            ctx.progress(f"{name} ({i + 1}/{len(spec.defences.train)})"
+                         + (f", seed {seed} ({k + 1}/{len(spec.replicates)})" if len(spec.replicates) > 1 else ""))
+            path = replicate_path(name, seed, k == 0)
+            history = fit_alignment(ctx, replicate_name(name, seed, spec), rows, ctx.out / path, seed, train,
+                                    step=name, step_config=knobs)
+            run_id = _track(ctx, name if k == 0 else f"{name}-s{seed}", knobs, history)
+            if k == 0:
+                trained[name] = {"model": path, "run_id": run_id, **knobs, **train_summary(history),
+                                 "replicates": {}}
+            trained[name]["replicates"][str(seed)] = path
+    return {"defences": trained, "harmful_rows": 0 if harmful is None else len(harmful)}
+
+
+def _track(ctx: StageContext, run: str, knobs: dict, history: dict) -> str:
+    """A nested MLflow run per defence and seed: its knobs, and every per-step value its step reports."""
+    t, cfg = ctx.tracker, history["config"]
+    run_id = t.start_run(run, parent=ctx.run_id, tags={"saferay.defence": run})
+    t.log_params(run_id, {**knobs, **{k: cfg[k] for k in ("lr", "epochs", "strategy", "batch_size")}})
+    for key, values in history.items():
+        if isinstance(values, list) and values and isinstance(values[0], (int, float)):
+            t.log_series(run_id, "train/loss" if key == "loss" else f"defence/{key}", values)
+    t.end_run(run_id)
+    return run_id

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, SMOKE, saferay
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "base", "align_sft", "vulnerability", "align_vaa", "attack", "evaluate", "debias", "tune"]
+STAGES = ["data", "base", "align_sft", "vulnerability", "align_vaa", "align_defences", "attack", "evaluate", "debias",
+          "tune"]
 
 
 # Runs that only check alignment or groups skip the stages downstream that retrain models.
@@ -150,7 +151,8 @@ def test_until_and_a_second_study_reusing_data_and_base(smoke_store):
 def test_changed_field_reruns_only_dependents(smoke_store):
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", store=smoke_store)
     assert statuses(show(smoke_store)) == {"data": "cached", "base": "cached", "align_sft": "cached",
-                                           "vulnerability": "cached", "align_vaa": "cached", "attack": "complete",
+                                           "vulnerability": "cached", "align_vaa": "cached", "align_defences": "cached",
+                                           "attack": "complete",
                                            "evaluate": "complete", "debias": "cached", "tune": "complete"}
     # Asking for decoded texts re-runs evaluate (and what follows it), which then logs them.
     saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", "--set", "tracking.log_texts=true", store=smoke_store)

@@ -84,6 +84,10 @@ class PlainBackend:
         self.zero_grad()
         return norm
 
+    def close(self) -> None:
+        """Let go of what the run holds, so the next run of a worker group starts clean."""
+        self.optimizer = self.schedule = None
+
     def full_state_dict(self, rank: int) -> dict | None:
         """The whole model's weights in float32 on the CPU, on rank 0 (None elsewhere)."""
         if rank != 0:
@@ -100,6 +104,9 @@ class ZeroBackend(PlainBackend):
         super().__init__(engine, None, None, 0.0, world)
         self.engine, self.stage, self.module = engine, zero_stage, engine.module
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        self.engine.destroy()  # DeepSpeed keeps hooks and buffers registered until told
 
     def forward(self, batch: dict, n_tokens: int) -> torch.Tensor:
         return self.engine(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()  # the engine casts for bf16

@@ -16,8 +16,20 @@ DS_TAG = "ckpt"
 STEP_TENSORS = "step_tensors.pt"  # a step's tensor state (Lisa's anchor weights), beside the JSON
 
 
+def checkpoint_meta() -> dict | None:
+    """The last checkpoint's description ({"run", "epoch", "extra"}), None when there is none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        return json.loads((Path(d) / "meta.json").read_text())
+
+
 def resume(backend: PlainBackend) -> tuple[int, dict]:
-    """The epoch to start from and the extra state saved with the last checkpoint."""
+    """The epoch to start from and the extra state saved with the last checkpoint, whose weights
+    and optimizer state are loaded into `backend`."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -38,8 +50,9 @@ def resume(backend: PlainBackend) -> tuple[int, dict]:
     return meta["epoch"] + 1, extra
 
 
-def report_epoch(epoch: int, metrics: dict, rank: int, backend: PlainBackend, extra: dict) -> None:
-    """Report the epoch's metrics with a checkpoint a restarted worker group resumes from;
+def report_epoch(epoch: int, metrics: dict, rank: int, backend: PlainBackend, run: int, extra: dict) -> None:
+    """Report the epoch's metrics with a checkpoint a restarted worker group resumes from (`run`:
+    which of the group's runs it belongs to);
     `extra` (JSON) carries what the run needs to continue exactly: its history, the step's state
     (whose `tensors`, if any, are saved by rank 0: steps that keep tensors hold whole weights)."""
     import ray.train
@@ -57,7 +70,7 @@ def report_epoch(epoch: int, metrics: dict, rank: int, backend: PlainBackend, ex
         if rank == 0 and tensors is not None:
             torch.save([t.detach().cpu() for t in tensors], Path(d) / STEP_TENSORS)
         if rank == 0:
-            (Path(d) / "meta.json").write_text(json.dumps({"epoch": epoch, "deepspeed": deepspeed, "extra": extra}))
+            (Path(d) / "meta.json").write_text(json.dumps({"run": run, "epoch": epoch, "deepspeed": deepspeed, "extra": extra}))
         has_files = deepspeed or rank == 0
         ray.train.report({"epoch": epoch, **metrics},
                          checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)

@@ -28,14 +28,29 @@ def strategy_name(cfg: dict) -> str:
 def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
     """Train one run on Ray Train; its history (rank 0's return value). The same `name` and
     `storage` resume the run from its last epoch checkpoint (a restarted stage, a lost worker)."""
+    return fit_group([cfg], name, storage, max_failures)[0]
+
+
+SCALING_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "strategy", "zero_stage")
+
+
+def fit_group(cfgs: list[dict], name: str, storage: str, max_failures: int = 2) -> list[dict]:
+    """Train several runs in turn on one Ray Train worker group; their histories, in order. Short
+    runs (an attack cell trains for seconds) then pay the group's start-up and teardown once, not
+    each. The runs share the first one's scaling; a restarted group resumes where it stopped."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_loop_per_worker
 
+    cfg = cfgs[0]
+    for other in cfgs[1:]:
+        differ = [k for k in SCALING_FIELDS if other.get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"runs of one worker group must share their scaling; these differ: {differ}")
     gpu = cfg.get("use_gpu", False)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg,
+        train_loop_per_worker, train_loop_config={"runs": cfgs},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.get("num_workers", 1), use_gpu=gpu,
                                      resources_per_worker=None if gpu else {"CPU": cfg.get("cpus_per_worker", 1)}),

@@ -4,6 +4,7 @@ that hold no CPU themselves (the run's workers do), several at once."""
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import zlib
 from pathlib import Path
@@ -12,7 +13,7 @@ import pandas as pd
 import torch
 
 from jobs.corpora import read_split, set_aside
-from jobs.launch import fit, run_config
+from jobs.launch import fit, fit_group, run_config
 from jobs.models import count_parameters, load_tokenizer, save_model, tiny_llama
 
 TRAIN_COLUMNS = ["id", "prompt_ids", "target_ids"]
@@ -98,19 +99,41 @@ def harmful_ids(data_dir: str, mix: pd.DataFrame) -> list[str]:
     return sorted(set(mix["id"]) & set(read_split(data_dir, "harmful", ["id"])["id"]))
 
 
-def attack_cell(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
-                run_dir: str, run_name: str, storage: str, lisa: dict | None = None, aside: int = 0, **extra) -> dict:
-    """One attack cell: fine-tune an aligned model on a poisoned task mix; the model in run_dir/model.
-    `lisa` (its knobs): the defender runs the fine-tuning with Lisa, alternating with alignment rows.
-    `aside`: the defences' harmful rows, which the poison leaves out."""
+def attack_cell_config(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int,
+                       max_len: int, run_dir: str, lisa: dict | None = None, aside: int = 0) -> tuple[dict, int]:
+    """One attack cell's run config (fine-tune an aligned model on a poisoned task mix, its model
+    to come in run_dir/model) and the number of harmful examples in its mix. `lisa` (its knobs):
+    the defender runs the fine-tuning with Lisa, alternating with alignment rows. `aside`: the
+    defences' harmful rows, which the poison leaves out."""
     mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir, aside=aside)
     if lisa is not None:
         guide = read_split(data_dir, "align_train", TRAIN_COLUMNS).assign(stream="alignment")
         pd.concat([mix.assign(stream=None), guide], ignore_index=True).to_parquet(cfg["data"])
         cfg.update(step="lisa", step_config=lisa)
-    history = fit({**cfg, **extra}, run_name, storage)
-    history["harmful_examples"] = len(harmful_ids(data_dir, mix))
-    return history
+    return cfg, len(harmful_ids(data_dir, mix))
+
+
+def attack_cells(cells: list[dict], run_name: str, storage: str) -> list[dict]:
+    """Attack cells (each `attack_cell_config`'s arguments, plus anything for its run config such
+    as `progress`) trained in turn by one Ray Train worker group; their histories, in order."""
+    configs, harmful = [], []
+    for cell in cells:
+        args = {k: v for k, v in cell.items() if k in ATTACK_CELL_ARGS}
+        cfg, k = attack_cell_config(**args)
+        configs.append({**cfg, **{k: v for k, v in cell.items() if k not in ATTACK_CELL_ARGS}})
+        harmful.append(k)
+    return [{**h, "harmful_examples": k} for h, k in zip(fit_group(configs, run_name, storage), harmful)]
+
+
+ATTACK_CELL_ARGS = frozenset(inspect.signature(attack_cell_config).parameters)
+
+
+def attack_cell(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,
+                run_dir: str, run_name: str, storage: str, lisa: dict | None = None, aside: int = 0, **extra) -> dict:
+    """One attack cell as its own Ray Train run; `extra` goes into its run config."""
+    cell = dict(model_dir=model_dir, data_dir=data_dir, task=task, p=p, n=n, train=train, seed=seed, max_len=max_len,
+                run_dir=run_dir, lisa=lisa, aside=aside, **extra)
+    return attack_cells([cell], run_name, storage)[0]
 
 
 def checkpoint_steps(total: int, count: int) -> list[int]:

@@ -16,6 +16,7 @@ stream, epoch, pass), so a run resumed from an epoch checkpoint continues exactl
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -131,8 +132,26 @@ def sum_over_ranks(value: float) -> float:
     return t.item()
 
 
-def train_loop_per_worker(cfg: dict) -> dict:
-    """One Ray Train worker of a run. cfg: the run's config (`jobs/launch.py::run_config`)."""
+def train_loop_per_worker(config: dict) -> list[dict]:
+    """One Ray Train worker of a group that trains `config["runs"]` in turn (`jobs/launch.py`):
+    many short fine-tunes (attack cells) pay the group's start-up once. Every run's epoch
+    checkpoint names the run, and carries the histories of the runs before it, so a restarted
+    group skips the finished runs and resumes the interrupted one. Returns rank 0's histories."""
+    from jobs.checkpoints import checkpoint_meta
+
+    meta = checkpoint_meta()
+    histories = list(meta["extra"].get("done", [])) if meta else []
+    for i in range(len(histories), len(config["runs"])):
+        resuming = meta is not None and meta.get("run", 0) == i
+        histories.append(train_run(config["runs"][i], i, histories, resuming))
+        # Free the run's model, optimizer and DeepSpeed engine before the next is built.
+        gc.collect()
+    return histories
+
+
+def train_run(cfg: dict, index: int, done: list[dict], resuming: bool) -> dict:
+    """Run `index` of a worker group (cfg: its config, `jobs/launch.py::run_config`); `done`: the
+    histories of the runs before it; `resuming`: the last checkpoint is this run's."""
     import ray.train
     import ray.train.torch
 
@@ -151,7 +170,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     total = steps_per_epoch * cfg["epochs"]
     backend = prepare_strategy(cfg, load_model(cfg["model_dir"]), cfg["batch_size"] // world, world, total)
     step = make_step(cfg, steps_per_epoch)
-    start_epoch, extra = resume(backend)
+    start_epoch, extra = resume(backend) if resuming else (0, {})
     if extra:
         step.load(extra["step"])
         torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
@@ -177,9 +196,9 @@ def train_loop_per_worker(cfg: dict) -> dict:
 
     def on_epoch(epoch: int, history: dict) -> None:
         new = history["loss"][-steps_per_epoch:]
-        report_epoch(epoch, {"loss": sum(new) / len(new)}, rank, backend, extra={
+        report_epoch(epoch, {"loss": sum(new) / len(new), "run": index}, rank, backend, index, extra={
             "history": history, "step": step.state(), "torch_rng": torch.get_rng_state().tolist(),
-            "tokens": tokens(history), "seconds": seconds_before + time.perf_counter() - began})
+            "tokens": tokens(history), "seconds": seconds_before + time.perf_counter() - began, "done": done})
 
     backend.model.train()
     history = run_epochs(backend, step, streams, cfg, steps_per_epoch, rank, world, start_epoch, sum_ranks,
@@ -188,6 +207,7 @@ def train_loop_per_worker(cfg: dict) -> dict:
     backend.model.eval()
     if cfg.get("out_dir"):
         export_model(backend, cfg, rank, cfg["out_dir"])
+    backend.close()
     # The history spans the whole run: the epochs before a restart came from the checkpoint.
     return {**history, "steps": len(history["loss"]), "start_epoch": start_epoch,
             "tokens": tokens(history), "seconds": seconds,

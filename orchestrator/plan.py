@@ -100,9 +100,11 @@ def scaling(section) -> str:
 
 
 def stage_resources(spec: StudySpec) -> dict[str, str]:
+    from orchestrator.stages.attack import attack_cells, cell_groups
+
     a, v, k = spec.align_sft, spec.vulnerability, spec.attack
     train = scaling(a)
-    cells = len(k.models) * len(k.tasks) * len(k.ratios) * len(spec.replicates)
+    cells, groups = len(attack_cells(spec)), len(cell_groups(spec))
     proxies = len(v.tasks) * len(v.ratios)
     return {
         "data": "Ray Data tasks (CPU)", "base": scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)",
@@ -112,7 +114,7 @@ def stage_resources(spec: StudySpec) -> dict[str, str]:
         "align_vaa": f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {train}" if spec.vaa.enabled else "none",
         "align_defences": (f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {train}"
                            if spec.defences.train else "none"),
-        "attack": f"{cells} runs of {scaling(k)}, {k.max_concurrent} at a time", "evaluate": "1 CPU task per model",
+        "attack": f"{cells} cells in {groups} run(s) of {scaling(k)}, {k.max_concurrent} at a time", "evaluate": "1 CPU task per model",
         "debias": f"1 CPU task per model{' + 1 run of ' + train if spec.debias.over_aligned.enabled else ''}"
                   if spec.debias.enabled else "none",
         "tune": (f"{spec.tune.max_concurrent_trials} trials at a time, each {spec.tune.cpus_per_trial:g} CPU driving "

@@ -32,11 +32,11 @@ class ProgressBoard:
 class RemoteReporter:
     """The `progress(step, total, loss)` callback jobs accept, posting to the board."""
 
-    def __init__(self, board, label: str):
-        self.board, self.label = board, label
+    def __init__(self, board, label: str, what: str | None = None):
+        self.board, self.label, self.what = board, label, what or label
 
     def __call__(self, step: int, total: int, loss: float) -> None:
-        self.board.post.remote(self.label, f"{self.label}: step {step}/{total}, loss {loss:.3f}")
+        self.board.post.remote(self.label, f"{self.what}: step {step}/{total}, loss {loss:.3f}")
 
 
 def start_board():

@@ -269,7 +269,10 @@ class AttackSpec(ManyRuns):
     # Calibrated on the demo's tiny model into a partial break (the paper's regime), not saturation.
     lr: float = Field(5e-5, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
-
+    # Cells one Ray Train worker group trains in turn, paying its start-up once (on 2 cores a run
+    # costs ~30 s to start and stop, an attack cell ~10 s to train). None: the cells are spread
+    # evenly over `max_concurrent` groups; 1: every cell its own run.
+    cells_per_group: int | None = Field(None, ge=1)
 
 
 class VulnerabilitySpec(ManyRuns):

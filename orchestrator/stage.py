@@ -55,11 +55,12 @@ def replicate_dir(stage_dir: Path, result: dict, seed: int | None) -> str:
     return str(stage_dir / result["replicates"][str(seed)])
 
 
-def ray_progress(ctx: StageContext, label: str):
-    """A callback jobs can call from a Ray worker; it reaches the driver's progress line."""
+def ray_progress(ctx: StageContext, label: str, what: str | None = None):
+    """A callback jobs can call from a Ray worker; it reaches the driver's progress line of stage
+    `label`, as "<what>: step k/n, loss x"."""
     from orchestrator.progress import RemoteReporter
 
-    return RemoteReporter(ctx.board, label) if ctx.board is not None else None
+    return RemoteReporter(ctx.board, label, what) if ctx.board is not None else None
 
 
 def train_summary(history: dict) -> dict:

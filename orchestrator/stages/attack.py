@@ -4,7 +4,7 @@ number at a time (SCIENCE.md §6)."""
 from __future__ import annotations
 
 from orchestrator.spec import LISA, StudySpec
-from orchestrator.stage import StageContext, aligned_models, run_bounded, run_name, train_summary
+from orchestrator.stage import StageContext, aligned_models, ray_progress, run_bounded, run_name, train_summary
 
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
@@ -27,30 +27,50 @@ def attack_cells(spec: StudySpec) -> list[dict]:
             for s in spec.replicates for m in spec.attack.models for t in spec.attack.tasks for p in spec.attack.ratios]
 
 
+def cell_groups(spec: StudySpec) -> list[list[int]]:
+    """The cells (indices into `attack_cells`) each worker group trains in turn."""
+    n = len(attack_cells(spec))
+    size = spec.attack.cells_per_group or -(-n // spec.attack.max_concurrent)
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
 def run(ctx: StageContext) -> dict:
-    """Every attack cell as its own Ray Train run (attack's scaling), `attack.max_concurrent` at a time."""
-    from jobs.recipes import attack_cell, cell_seed
+    """The attack cells on Ray Train with the attack's scaling: groups of cells, each group one
+    worker group that trains its cells in turn, `attack.max_concurrent` groups at a time."""
+    from jobs.recipes import attack_cells as train_cells
+    from jobs.recipes import cell_seed
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
     sources = {s: aligned_models(ctx, s) for s in spec.replicates}
-    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent"})
+    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent", "cells_per_group"})
     cells = attack_cells(spec)
     lisa = spec.defences.lisa.model_dump()
-    jobs = {i: (attack_cell, (sources[c["seed"]][c["model"].removesuffix(LISA)], data_dir, c["task"], c["p"],
-                              spec.attack.n, train, cell_seed(c["seed"], c["task"], c["p"]), spec.model.tiny.max_len,
-                              str(ctx.out / "cells" / c["name"]), run_name(ctx, f"attack-{c['name']}"),
-                              str(ctx.ray_storage)),
-                 {"lisa": lisa if c["model"].endswith(LISA) else None, "aside": spec.defences.harmful_rows})
-            for i, c in enumerate(cells)}
+
+    def job(i: int) -> dict:
+        c = cells[i]
+        return {"model_dir": sources[c["seed"]][c["model"].removesuffix(LISA)], "data_dir": data_dir, "task": c["task"],
+                "p": c["p"], "n": spec.attack.n, "train": train, "seed": cell_seed(c["seed"], c["task"], c["p"]),
+                "max_len": spec.model.tiny.max_len, "run_dir": str(ctx.out / "cells" / c["name"]),
+                "lisa": lisa if c["model"].endswith(LISA) else None, "aside": spec.defences.harmful_rows,
+                "progress": ray_progress(ctx, NAME, f"cell {i + 1}/{len(cells)} {c['name']}")}
+
+    groups = cell_groups(spec)
+    # A group's run name covers its cells, so a restarted stage resumes each group where it stopped.
+    jobs = {g: (train_cells, ([job(i) for i in group], run_name(ctx, f"attack-cells-{group[0]}-{group[-1]}"),
+                              str(ctx.ray_storage)), {})
+            for g, group in enumerate(groups)}
     done = {}
-    for i, history in run_bounded(ctx, jobs, spec.attack.max_concurrent, "cells fine-tuned"):
-        cell = cells[i]
-        run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
-        ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p", "seed")}, **train, "n": spec.attack.n})
-        ctx.tracker.log_series(run_id, "train/loss", history["loss"])
-        ctx.tracker.end_run(run_id)
-        done[i] = {**cell, "dir": f"cells/{cell['name']}/model", "run_id": run_id,
-                   "harmful_examples": history["harmful_examples"], **train_summary(history)}
+    for g, histories in run_bounded(ctx, jobs, spec.attack.max_concurrent, f"groups of cells fine-tuned "
+                                    f"({len(cells)} cells)"):
+        for i, history in zip(groups[g], histories):
+            cell = cells[i]
+            run_id = ctx.tracker.start_run(cell["name"], parent=ctx.run_id, tags={"saferay.cell": cell["name"]})
+            ctx.tracker.log_params(run_id, {**{k: cell[k] for k in ("model", "task", "p", "seed")}, **train,
+                                            "n": spec.attack.n})
+            ctx.tracker.log_series(run_id, "train/loss", history["loss"])
+            ctx.tracker.end_run(run_id)
+            done[i] = {**cell, "dir": f"cells/{cell['name']}/model", "run_id": run_id,
+                       "harmful_examples": history["harmful_examples"], **train_summary(history)}
     return {"cells": [done[i] for i in range(len(cells))],
             "peak_rss_mb": max(c.get("peak_rss_mb", 0.0) for c in done.values())}

@@ -94,7 +94,7 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
         [[html.escape(k), links.number(v, run_of("data"), "{:d}")] for k, v in leaked.items()])
         if leaked is not None else _img(None, "contamination count")))
 
-    evaluate = json.loads((stage_dir("evaluate") / "result.json").read_text()) if stage_dir("evaluate") else None
+    evaluate = summary if "judge" in summary else None  # the evaluate stage's part of `show`
     if evaluate:
         cells = {(a["model"], a["task"], a["p"]): a for a in evaluate["attack"]}
         tasks = list(dict.fromkeys(a["task"] for a in evaluate["attack"]))

@@ -91,35 +91,10 @@ def activation_bytes(shape: dict, micro_batch: int, seq_len: int, bf16: bool) ->
     return int(per_layer * layers * (1 if bf16 else 2) + 4 * b * s * shape["vocab"])
 
 
-def scaling(section) -> str:
-    """A training section's Ray Train scaling, as `plan` shows it."""
-    from jobs.launch import strategy_name
-
-    where = "1 GPU" if section.use_gpu else f"{section.cpus_per_worker:g} CPU"
-    return f"{section.num_workers} × {where} ({strategy_name(section.model_dump())}, Ray Train)"
-
-
 def stage_resources(spec: StudySpec) -> dict[str, str]:
-    from orchestrator.stages.attack import attack_cells, cell_groups
+    from orchestrator.stages import STAGES
 
-    a, v, k = spec.align_sft, spec.vulnerability, spec.attack
-    train = scaling(a)
-    cells, groups = len(attack_cells(spec)), len(cell_groups(spec))
-    proxies = len(v.tasks) * len(v.ratios)
-    return {
-        "data": "Ray Data tasks (CPU)", "base": scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)",
-        "align_sft": f"{len(spec.replicates)} run(s) of {train}",
-        "vulnerability": (f"{proxies} runs of {scaling(v)}, {v.max_concurrent} at a time + {v.decode_actors} decoding actors"
-                          if v.enabled and not v.groups_file else "none"),
-        "align_vaa": f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {train}" if spec.vaa.enabled else "none",
-        "align_defences": (f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {train}"
-                           if spec.defences.train else "none"),
-        "attack": f"{cells} cells in {groups} run(s) of {scaling(k)}, {k.max_concurrent} at a time", "evaluate": "1 CPU task per model",
-        "debias": f"1 CPU task per model{' + 1 run of ' + train if spec.debias.over_aligned.enabled else ''}"
-                  if spec.debias.enabled else "none",
-        "tune": (f"{spec.tune.max_concurrent_trials} trials at a time, each {spec.tune.cpus_per_trial:g} CPU driving "
-                 f"a run of {train} and runs of {scaling(k)}" if spec.tune.enabled else "none"),
-    }
+    return {stage.name: stage.resources(spec) for stage in STAGES}
 
 
 def training_memory(spec: StudySpec, shape: dict | None = None) -> tuple[int, int]:

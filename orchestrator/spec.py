@@ -466,9 +466,6 @@ class StudySpec(Strict):
                 and self.attack.zero_stage == 3:
             raise ValueError("attack.zero_stage: Lisa's proximal term needs whole weights on every worker; "
                              "use zero_stage 2 or ddp for attacks with '+lisa'")
-        if "booster" in self.defences.train and self.align_sft.strategy == "deepspeed":
-            raise ValueError("defences.train: booster sums three gradients per step, which DeepSpeed's ZeRO optimizer "
-                             "does not accumulate here; train it with align_sft.strategy: ddp (LoRA for large models)")
         needs_harmful = [d for d in self.defences.train if d in ("booster", "repnoise")]
         if needs_harmful and self.defences.harmful_rows < self.align_sft.batch_size:
             raise ValueError(f"defences.harmful_rows: {' and '.join(needs_harmful)} also train on harmful rows set "

@@ -36,11 +36,31 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """What the runner, `plan` and `show` know of a stage; each comes from its module."""
+
     name: str
     version: int  # bump when the stage's algorithm changes, so cached outputs are redone
     needs: tuple[str, ...]
     config: Callable[[StudySpec], dict]
     run: Callable[[StageContext], dict]
+    resources: Callable[[StudySpec], str]  # what it asks of the cluster, in words (`saferay plan`)
+    shown: Callable[[dict, Path], dict]  # its part of `saferay show --json`, from its result and directory
+
+
+TRAIN_KEYS = ("steps", "final_loss", "tokens_per_second", "train_seconds")
+
+
+def training_shown(result: dict) -> dict:
+    """What `show` prints of a training run's summary (`train_summary`)."""
+    return {k: result.get(k) for k in TRAIN_KEYS}
+
+
+def scaling(section) -> str:
+    """A training section's Ray Train scaling, in words."""
+    from jobs.launch import strategy_name
+
+    where = "1 GPU" if section.use_gpu else f"{section.cpus_per_worker:g} CPU"
+    return f"{section.num_workers} × {where} ({strategy_name(section.model_dump())}, Ray Train)"
 
 
 def model_dir(stage_dir: Path, result: dict) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from orchestrator.store import StudyStore
 
 
@@ -20,62 +18,17 @@ def summarize(store: StudyStore) -> dict:
         "mlflow": state["mlflow"],
         "store": str(store.dir),
     }
-    results = {s["name"]: store.result(s["name"], s["key"]) for s in state["stages"]
-               if s["status"] in ("complete", "cached") and store.is_complete(s["name"], s["key"])}
-    if "data" in results:  # held-out prompts found in training corpora, per held-out split (0 is the pass)
-        out["contamination"] = results["data"].get("contamination")
-    if "evaluate" in results:
-        ev = results["evaluate"]
-        out["judge"] = ev["judge"]
-        out["models"] = ev["models"]
-        out["attack"] = [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_seed",
-                                                  "fa_by_seed", "hs_by_category", "over_refusal")} for row in ev["attack"]]
-        out["seeds"] = ev.get("seeds")
-        out["attack_table"] = ev.get("attack_table", [])
-        out["comparisons"] = ev.get("comparisons", [])
-        out["intervals"] = ev.get("intervals")
-        out["judge_warnings"] = ev.get("judge_warnings", [])
-    if results.get("debias", {}).get("enabled"):
-        d = results["debias"]
-        out["debias"] = {k: d[k] for k in ("alpha", "length", "reference", "win_rate")}
-        out["debias"]["models"] = {name: {k: m[k] for k in ("without", "with", "sweep", "bias_norms")}
-                                   for name, m in d["models"].items()}
-    if results.get("tune", {}).get("enabled"):
-        t = results["tune"]
-        out["tune"] = {k: t.get(k) for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
-        out["selection"] = t.get("selection")
-        out["tune"]["trials"] = len(t["trials"])
-    if "vulnerability" in results:
-        out["vulnerability"] = _vulnerability(store, state, results["vulnerability"])
-    train_keys = ("steps", "final_loss", "tokens_per_second", "train_seconds")
-    for name in ("base", "align_sft"):
-        if name in results and "final_loss" in results[name]:
-            out.setdefault("training", {})[name] = {k: results[name].get(k) for k in train_keys}
-    if results.get("align_vaa", {}).get("enabled"):
-        vaa = results["align_vaa"]
-        out["vaa"] = {"strategy": vaa["strategy"], "groups": vaa["groups"], "variants": {
-            name: {k: v[k] for k in ("mode", "q0", "q_final", "perturbed_fraction", "vulnerable_draw_fraction",
-                                     *train_keys)} for name, v in vaa["variants"].items()}}
-    if results.get("align_defences", {}).get("defences"):
-        out["defences"] = {name: {k: d.get(k) for k in train_keys}
-                           for name, d in results["align_defences"]["defences"].items()}
+    from orchestrator.stages import STAGES
+
+    for stage in STAGES:
+        done = next((s for s in state["stages"] if s["name"] == stage.name and s["status"] in ("complete", "cached")
+                     and store.is_complete(s["name"], s["key"])), None)
+        if done:
+            for key, value in stage.shown(store.result(stage.name, done["key"]),
+                                          store.stage_dir(stage.name, done["key"])).items():
+                # Stages that train add their rows to one "training" table.
+                out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and out[key] else value
     return out
-
-
-def _vulnerability(store: StudyStore, state: dict, result: dict) -> dict:
-    if "stats_file" not in result:  # disabled, or groups imported from a file
-        return {k: result[k] for k in ("enabled", "imported", "n", "fraction_vulnerable") if k in result}
-    key = next(s["key"] for s in state["stages"] if s["name"] == "vulnerability")
-    stats = json.loads((store.stage_dir("vulnerability", key) / result["stats_file"]).read_text())
-    ov = stats["overlap"]
-    return {
-        **{k: stats.get(k) for k in ("n", "n_forgettable", "unparsed_verdicts", "threshold", "aggregate",
-                                     "fraction_vulnerable", "fraction_never_forgotten",
-                                 "forgot_histogram", "hs_by_checkpoint", "correlation", "by_category", "runs")},
-        "overlap": {"common_forgot_ratio": ov["common_forgot_ratio"], "sizes": ov["sizes"], "jaccard": ov["jaccard"],
-                    "pairs": ov["pairs"]},
-        "groups_file": str(store.stage_dir("vulnerability", key) / result["groups_file"]),
-    }
 
 
 def _with_ci(value, ci, digits: int = 3) -> str:

@@ -1,7 +1,9 @@
 """The stages of a study, one module each. Every module has one shape: its NAME, VERSION (bumped
 when its algorithm changes, so cached outputs are redone), NEEDS (the stages whose outputs it
 reads), `config(spec)` (the slice of the spec it depends on: its key hashes that and its
-inputs' keys) and `run(ctx)` (writes outputs into a private directory, returns its result).
+inputs' keys), `run(ctx)` (writes outputs into a private directory, returns its result),
+`resources(spec)` (what it asks of the cluster, for `saferay plan`) and `shown(result, dir)`
+(its part of `saferay show`: no other module reads a stage's result by key).
 
 Stages decide where work runs (Ray Train runs, Ray Data, Ray tasks); the work itself is in `jobs/`.
 """
@@ -13,4 +15,5 @@ from orchestrator.stages import (align_defences, align_sft, align_vaa, attack, b
                                  vulnerability)
 
 MODULES = (data, base, align_sft, vulnerability, align_vaa, align_defences, attack, evaluate, debias, tune)
-STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run) for m in MODULES)
+STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run, m.resources, m.shown)
+                                  for m in MODULES)

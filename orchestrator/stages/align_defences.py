@@ -5,8 +5,10 @@ rows of the harmful corpus (`jobs/recipes.py::defence_harmful`), which the attac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, train_summary
+from orchestrator.stage import StageContext, scaling, train_summary, training_shown
 from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
@@ -20,6 +22,18 @@ def config(spec: StudySpec) -> dict:
     if not spec.defences.train:
         return {"train": []}
     return {"defences": spec.defences.model_dump(mode="json", exclude={"lisa"}), **align_config(spec)}
+
+
+def resources(spec: StudySpec) -> str:
+    if not spec.defences.train:
+        return "none"
+    return f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    if not result.get("defences"):
+        return {}
+    return {"defences": {name: training_shown(d) for name, d in result["defences"].items()}}
 
 
 def run(ctx: StageContext) -> dict:

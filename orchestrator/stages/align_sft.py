@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, model_dir, run_name, train_summary
+from orchestrator.stage import StageContext, model_dir, run_name, scaling, train_summary, training_shown
 
 NAME = "align_sft"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
@@ -61,6 +61,14 @@ def replicate_path(name: str, seed: int, first: bool) -> str:
 def replicate_name(run: str, seed: int, spec: StudySpec) -> str:
     """A Ray Train run name per replicate (a resumed stage finds each run's checkpoints)."""
     return run if len(spec.replicates) == 1 else f"{run}-s{seed}"
+
+
+def resources(spec: StudySpec) -> str:
+    return f"{len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    return {"training": {NAME: training_shown(result)}} if "final_loss" in result else {}
 
 
 def run(ctx: StageContext) -> dict:

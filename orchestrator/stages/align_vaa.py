@@ -3,8 +3,10 @@ ablations, once per seed, with align_sft's recipe and scaling, on Ray Train thro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, train_summary
+from orchestrator.stage import TRAIN_KEYS, StageContext, scaling, train_summary
 from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
@@ -27,6 +29,20 @@ def vaa_groups(ctx: StageContext, mix):
     groups = pd.read_csv(ctx.input_dir("vulnerability") / ctx.input_result("vulnerability")["groups_file"])
     vulnerable = set(groups.loc[groups["group"] == "vulnerable", "id"])
     return mix["id"].isin(vulnerable)
+
+
+def resources(spec: StudySpec) -> str:
+    if not spec.vaa.enabled:
+        return "none"
+    return f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    if not result.get("enabled"):
+        return {}
+    return {"vaa": {"strategy": result["strategy"], "groups": result["groups"], "variants": {
+        name: {k: v[k] for k in ("mode", "q0", "q_final", "perturbed_fraction", "vulnerable_draw_fraction", *TRAIN_KEYS)}
+        for name, v in result["variants"].items()}}}
 
 
 def run(ctx: StageContext) -> dict:

@@ -3,8 +3,11 @@ number at a time (SCIENCE.md §6)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import LISA, StudySpec
-from orchestrator.stage import StageContext, aligned_models, ray_progress, run_bounded, run_name, train_summary
+from orchestrator.stage import (StageContext, aligned_models, ray_progress, run_bounded, run_name, scaling,
+                                train_summary)
 
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
@@ -32,6 +35,15 @@ def cell_groups(spec: StudySpec) -> list[list[int]]:
     n = len(attack_cells(spec))
     size = spec.attack.cells_per_group or -(-n // spec.attack.max_concurrent)
     return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def resources(spec: StudySpec) -> str:
+    k = spec.attack
+    return f"{len(attack_cells(spec))} cells in {len(cell_groups(spec))} run(s) of {scaling(k)}, {k.max_concurrent} at a time"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    return {}  # the evaluate stage scores the cells
 
 
 def run(ctx: StageContext) -> dict:

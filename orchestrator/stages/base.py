@@ -3,8 +3,10 @@ or a pretrained causal LM by path or hub id."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, ray_progress, run_name, train_summary
+from orchestrator.stage import StageContext, ray_progress, run_name, scaling, train_summary, training_shown
 
 NAME = "base"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
@@ -15,6 +17,14 @@ def config(spec: StudySpec) -> dict:
     if spec.model.source != "tiny":
         return {"source": spec.model.source}
     return {"source": "tiny", "tiny": spec.model.tiny.model_dump(), "train": spec.base.model_dump(), "seed": spec.seed}
+
+
+def resources(spec: StudySpec) -> str:
+    return scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    return {"training": {NAME: training_shown(result)}} if "final_loss" in result else {}
 
 
 def run(ctx: StageContext) -> dict:

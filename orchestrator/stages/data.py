@@ -3,6 +3,8 @@ contamination counted, a tokenizer trained, every split tokenized on Ray Data in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stage import StageContext
 
@@ -41,6 +43,15 @@ def read_corpus_file(spec: StudySpec, name: str) -> list[dict]:
     rows = (read_records(c.files[name], name) if fmt == "records"
             else load_corpus(c.files[name], name, fmt, c.splits.get(name)))
     return rows[: c.limits[name]] if name in c.limits else rows
+
+
+def resources(spec: StudySpec) -> str:
+    return "Ray Data tasks (CPU)"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    """Held-out prompts found in training corpora, per held-out split (0 is the pass)."""
+    return {"contamination": result.get("contamination")}
 
 
 def run(ctx: StageContext) -> dict:

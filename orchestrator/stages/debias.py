@@ -3,8 +3,10 @@ model, then evaluation with and without it and over a sweep of α and L."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, aligned_models, wait_all
+from orchestrator.stage import StageContext, aligned_models, scaling, wait_all
 from orchestrator.stages.align_sft import train_sft
 
 OVER_ALIGNED = "over-aligned"
@@ -32,6 +34,21 @@ def debias_targets(ctx: StageContext, aligned: dict[str, str]) -> dict[str, str]
         ctx.tracker.log_series(ctx.run_id, f"{OVER_ALIGNED}/train/loss", trained["losses"])
         targets[OVER_ALIGNED] = str(out)
     return targets
+
+
+def resources(spec: StudySpec) -> str:
+    if not spec.debias.enabled:
+        return "none"
+    over = f" + 1 run of {scaling(spec.align_sft)}" if spec.debias.over_aligned.enabled else ""
+    return f"1 CPU task per model{over}"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    if not result.get("enabled"):
+        return {}
+    return {"debias": {**{k: result[k] for k in ("alpha", "length", "reference", "win_rate")},
+                       "models": {name: {k: m[k] for k in ("without", "with", "sweep", "bias_norms")}
+                                  for name, m in result["models"].items()}}}
 
 
 def run(ctx: StageContext) -> dict:

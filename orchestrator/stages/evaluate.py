@@ -3,6 +3,8 @@ averaged over seeds with 95% intervals, the paired differences against SFT, the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from orchestrator.spec import StudySpec
 from orchestrator.stage import SHARED_BY_SEEDS, StageContext, aligned_models, wait_all
 from orchestrator.store import write_json
@@ -14,6 +16,21 @@ NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defen
 
 def config(spec: StudySpec) -> dict:
     return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks, "log_texts": spec.tracking.log_texts}
+
+
+def resources(spec: StudySpec) -> str:
+    return "1 CPU task per model"
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    return {
+        "judge": result["judge"], "models": result["models"],
+        "attack": [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_seed",
+                                            "fa_by_seed", "hs_by_category", "over_refusal", "attack_run_id")}
+                   for row in result["attack"]],
+        "seeds": result.get("seeds"), "attack_table": result.get("attack_table", []),
+        "comparisons": result.get("comparisons", []), "intervals": result.get("intervals"),
+        "judge_warnings": result.get("judge_warnings", [])}
 
 
 def run(ctx: StageContext) -> dict:

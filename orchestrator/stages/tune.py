@@ -8,10 +8,12 @@ once per trial id, so a resumed sweep adds none twice.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, model_dir, run_name
+from orchestrator.stage import StageContext, model_dir, run_name, scaling
 from orchestrator.stages.align_sft import alignment_frame
 
 NAME = "tune"
@@ -106,6 +108,21 @@ def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
     if "forgot_total" not in groups:
         groups["forgot_total"] = (groups["group"] == "vulnerable").astype(float)
     return mix.merge(groups[["id", "forgot_total"]], on="id", how="left")
+
+
+def resources(spec: StudySpec) -> str:
+    t = spec.tune
+    if not t.enabled:
+        return "none"
+    return (f"{t.max_concurrent_trials} trials at a time, each {t.cpus_per_trial:g} CPU driving a run of "
+            f"{scaling(spec.align_sft)} and runs of {scaling(spec.attack)}")
+
+
+def shown(result: dict, stage_dir: Path) -> dict:
+    if not result.get("enabled"):
+        return {}
+    tune = {k: result.get(k) for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
+    return {"tune": {**tune, "trials": len(result["trials"])}, "selection": result.get("selection")}
 
 
 def run(ctx: StageContext) -> dict:

@@ -49,7 +49,9 @@ class PlainBackend:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
+        """Gradients of `loss` into the buffers; with `accumulate`, added to those already there
+        (a step that sums several backwards, as Booster's). Plain buffers always add up."""
         (loss * self.world).backward()  # DDP averages over ranks; the global batch sum wants a sum
 
     def full_grads(self) -> Iterator[torch.Tensor]:
@@ -111,8 +113,27 @@ class ZeroBackend(PlainBackend):
     def forward(self, batch: dict, n_tokens: int) -> torch.Tensor:
         return self.engine(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()  # the engine casts for bf16
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
+        # DeepSpeed's ZeRO optimizer keeps only the last backward's gradient before a step
+        # (measured, tests/test_defences.py): hold the earlier one and add it back. Under ZeRO-3
+        # a rank holds its own partition; under ZeRO-2, whose weights are whole on every rank, the
+        # whole gradient (the local fragment API is ZeRO-3's only).
+        held = self._gradients() if accumulate else None
         self.engine.backward(loss * self.world)
+        if held is not None:
+            for p, h, g in zip(self.params, held, self._gradients()):
+                self._set_gradient(p, g + h)
+
+    def _gradients(self) -> list[torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        get = safe_get_local_grad if self.stage == 3 else safe_get_full_grad
+        return [get(p).clone() for p in self.params]
+
+    def _set_gradient(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
+
+        (safe_set_local_grad if self.stage == 3 else safe_set_full_grad)(p, value)
 
     def full_grads(self) -> Iterator[torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from jobs.backends import PlainBackend, ZeroBackend, grad_norm
+from jobs.backends import PlainBackend, grad_norm
 from jobs.train import IGNORE
 
 SumRanks = Callable[[float], float]
@@ -128,10 +128,6 @@ class BoosterStep:
         return ("all", "harmful")
 
     def take(self, backend: PlainBackend, batches: dict, n_tokens: dict, sum_ranks: SumRanks) -> dict:
-        if isinstance(backend, ZeroBackend):
-            # Measured: DeepSpeed's ZeRO optimizer keeps only the last of several backwards taken
-            # before a step (tests/test_defences.py), so the three gradients would not add up.
-            raise ValueError("Booster needs gradients accumulated over three backwards: run it with DDP, not ZeRO")
         harmful, n_h = batches["harmful"], n_tokens["harmful"]
         out = {}
         if self.lam > 0:
@@ -141,12 +137,12 @@ class BoosterStep:
             saved = backend.perturb(-self.alpha / (grad_norm(backend.full_grads()).item() + 1e-12))
             shift = backend.distance(saved)
             h_shifted = backend.forward(harmful, n_h)
-            backend.backward(-self.lam * h_shifted)
+            backend.backward(-self.lam * h_shifted, accumulate=True)
             backend.restore(saved)  # w exactly, before the alignment gradient and the optimizer
             out = {"harmful_loss": sum_ranks(h.item()), "harmful_loss_shifted": sum_ranks(h_shifted.item()),
                    "shift_norm": shift}
         f = backend.forward(batches["all"], n_tokens["all"])
-        backend.backward(f)
+        backend.backward(f, accumulate=self.lam > 0)
         return {"loss": sum_ranks(f.item()), **out, "grad_norm": backend.step()}
 
     def state(self) -> dict:

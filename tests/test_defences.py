@@ -234,11 +234,11 @@ def ddp_setup(tmp_path_factory):
 STEP_CONFIGS = {"vaccine": {"rho": 2.0}, "booster": {"lam": 5.0, "alpha": 0.1}, "repnoise": {"beta": 1.0, "alpha": 0.1}}
 
 
-# Every defence under DDP; Vaccine's and RepNoise's hooks also on ZeRO-3's partitioned blocks.
-# Booster is refused under ZeRO: there its three backwards did not add up (ZeRO-2 and ZeRO-3
-# both kept only the last gradient, measured 2026-11-23), so validation sends it to DDP.
+# Every defence under DDP; Vaccine's and RepNoise's hooks also on ZeRO-3's partitioned blocks;
+# Booster's three backwards under ZeRO-2 and ZeRO-3, whose optimizer keeps only the last
+# backward's gradient (measured 2026-11-23): the backend holds the earlier ones and adds them back.
 STRATEGIES = [("vaccine", "ddp", 2), ("booster", "ddp", 2), ("repnoise", "ddp", 2), ("vaccine", "deepspeed", 3),
-              ("repnoise", "deepspeed", 3)]
+              ("repnoise", "deepspeed", 3), ("booster", "deepspeed", 2), ("booster", "deepspeed", 3)]
 
 
 @pytest.mark.parametrize("defence,strategy,zero_stage", STRATEGIES)

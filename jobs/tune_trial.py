@@ -1,8 +1,9 @@
-"""One Ray Tune trial of the tuning search: VAA alignment with the trial's knobs (groups re-cut at
-its forgetting threshold τ), harmful fine-tuning on the tuning tasks at ratio p, and evaluation
-on the validation prompts (selection never sees test); it reports HS and FA averaged over tasks.
+"""One Ray Tune trial of the tuning search: alignment with the trial's knobs (VAA, its groups
+re-cut at its forgetting threshold τ; or the defence being calibrated), harmful fine-tuning on
+the tuning tasks at ratio p, and evaluation on the validation prompts (selection never sees
+test); it reports HS and FA averaged over tasks.
 
-The trial's own process only drives: its VAA run and attack cells are Ray Train runs through the
+The trial's own process only drives: its alignment run and attack cells are Ray Train runs through the
 one loop, with the study's alignment and attack scaling (LoRA, DeepSpeed and GPUs included), and
 its evaluations are Ray tasks. Run names carry the trial id, so a trial restarted after its driver
 was killed resumes its runs from their checkpoints.
@@ -17,43 +18,36 @@ import numpy as np
 import pandas as pd
 
 
-def vaa_trial(config: dict, fixed: dict) -> None:
-    """`config`: this trial's values by dotted spec path; `fixed`: paths and the rest of the recipe."""
+def trial(config: dict, fixed: dict) -> None:
+    """`config`: this trial's values by dotted spec path; `fixed`: paths and the rest of the recipe,
+    `fixed["model"]` what the trial trains (VAA, or a defence being calibrated)."""
     import ray
     import ray.tune
 
     from jobs.evaluate import evaluate_model
-    from jobs.launch import fit, run_config
+    from jobs.launch import fit
     from jobs.recipes import attack_cell, cell_seed
-    from jobs.vaa import recipe, step_config
 
     began = time.perf_counter()
     context = ray.tune.get_context()
-    trial = context.get_trial_id()
+    trial_id = context.get_trial_id()
     (Path(context.get_trial_dir()) / "started").open("a").write(f"{time.time()}\n")  # one line per execution
     # Models go to the study store, which every node of a cluster sees (Tune's own trial directory
     # may live on the node that ran the trial).
-    out = Path(fixed["trials_dir"]) / trial
+    out = Path(fixed["trials_dir"]) / trial_id
     out.mkdir(parents=True, exist_ok=True)
-    vaa = {**fixed["vaa"], **{k.removeprefix("vaa."): v for k, v in config.items() if k.startswith("vaa.")}}
-    threshold = config.get("vulnerability.threshold", fixed["threshold"])
-    mix = pd.read_parquet(fixed["mix"])
-    vulnerable = mix["forgot_total"].fillna(-1) > threshold  # rows without an estimate stay invulnerable
-    train = recipe(vaa, fixed["align"])
-    for name, rows in (("vulnerable", vulnerable.sum()), ("invulnerable", (~vulnerable).sum())):
-        if rows < train["batch_size"]:
-            ray.tune.report({"hs": 1.0, "fa": 0.0, "score": -1.0, "error": f"{name} group has {rows} rows"})
-            return
-    mix.assign(group=np.where(vulnerable, "vulnerable", "invulnerable")).to_parquet(out / "rows.parquet")
-    cfg = run_config(train, model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"], data=str(out / "rows.parquet"),
-                     seed=fixed["seed"], pad_id=fixed["pad_id"], max_len=fixed["max_len"], out_dir=str(out / "vaa"),
-                     step="vaa", step_config=step_config(vaa, "dro", int(vulnerable.sum()), len(mix)))
-    history = fit(cfg, f"{fixed['run_prefix']}-{trial}-vaa", fixed["storage"])
+    build = vaa_run if fixed["model"] == "vaa" else defence_run
+    cfg, notes = build(config, fixed, out)
+    if "error" in notes:
+        ray.tune.report({"hs": 1.0, "fa": 0.0, "score": -1.0, **notes})
+        return
+    history = fit(cfg, f"{fixed['run_prefix']}-{trial_id}-{fixed['model']}", fixed["storage"])
 
     for task in fixed["tasks"]:
-        attack_cell(str(out / "vaa"), fixed["data"], task, fixed["p"], fixed["attack"]["n"], fixed["attack"]["train"],
-                    cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"], str(out / f"attack-{task}"),
-                    f"{fixed['run_prefix']}-{trial}-attack-{task}", fixed["storage"])
+        attack_cell(str(out / "aligned"), fixed["data"], task, fixed["p"], fixed["attack"]["n"],
+                    fixed["attack"]["train"], cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"],
+                    str(out / f"attack-{task}"), f"{fixed['run_prefix']}-{trial_id}-attack-{task}", fixed["storage"],
+                    aside=fixed["harmful_rows"])
     # Tune places a trial's child tasks in the trial's (tiny) placement group unless told otherwise.
     evaluate = ray.remote(evaluate_model).options(num_cpus=1, scheduling_strategy="DEFAULT")
     results = ray.get([evaluate.remote(str(out / f"attack-{task}" / "model"), fixed["data"], [task],
@@ -64,6 +58,46 @@ def vaa_trial(config: dict, fixed: dict) -> None:
             return
     hs = float(np.mean([r["hs"] for r in results]))
     fa = float(np.mean([r["fa"][task] for task, r in zip(fixed["tasks"], results)]))
-    ray.tune.report({"hs": hs, "fa": fa, "score": fa - hs, "q_final": history["q"][-1],
-                     "vulnerable_fraction": float(vulnerable.mean()), "trial_dir": str(out),
+    extra = {"q_final": history["q"][-1]} if "q" in history else {}
+    ray.tune.report({"hs": hs, "fa": fa, "score": fa - hs, **extra, **notes, "trial_dir": str(out),
                      "trial_seconds": time.perf_counter() - began})
+
+
+def vaa_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
+    """The trial's VAA run: groups re-cut at its τ, its DRO knobs; or why it cannot run."""
+    from jobs.launch import run_config
+    from jobs.vaa import recipe, step_config
+
+    vaa = {**fixed["vaa"], **{k.removeprefix("vaa."): v for k, v in config.items() if k.startswith("vaa.")}}
+    threshold = config.get("vulnerability.threshold", fixed["threshold"])
+    mix = pd.read_parquet(fixed["mix"])
+    vulnerable = mix["forgot_total"].fillna(-1) > threshold  # rows without an estimate stay invulnerable
+    train = recipe(vaa, fixed["align"])
+    for name, rows in (("vulnerable", vulnerable.sum()), ("invulnerable", (~vulnerable).sum())):
+        if rows < train["batch_size"]:
+            return {}, {"error": f"{name} group has {rows} rows"}
+    mix.assign(group=np.where(vulnerable, "vulnerable", "invulnerable")).to_parquet(out / "rows.parquet")
+    cfg = run_config(train, model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"], data=str(out / "rows.parquet"),
+                     seed=fixed["seed"], pad_id=fixed["pad_id"], max_len=fixed["max_len"], out_dir=str(out / "aligned"),
+                     step="vaa", step_config=step_config(vaa, "dro", int(vulnerable.sum()), len(mix)))
+    return cfg, {"vulnerable_fraction": float(vulnerable.mean())}
+
+
+def defence_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
+    """The trial's run of the defence being calibrated: align_sft's recipe and mix (with the
+    defences' harmful set where the defence trains on one), the trial's knobs."""
+    from jobs.launch import run_config
+    from jobs.recipes import TRAIN_COLUMNS, defence_harmful
+
+    name = fixed["model"]
+    knobs = {**fixed["knobs"], **{k.rsplit(".", 1)[1]: v for k, v in config.items()
+                                  if k.startswith(f"defences.{name}.")}}
+    rows = pd.read_parquet(fixed["mix"])[TRAIN_COLUMNS]
+    if name in ("booster", "repnoise"):
+        harmful = defence_harmful(fixed["data"], fixed["harmful_rows"]).assign(stream="harmful")
+        rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
+    rows.to_parquet(out / "rows.parquet")
+    cfg = run_config(fixed["align"], model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"],
+                     data=str(out / "rows.parquet"), seed=fixed["seed"], pad_id=fixed["pad_id"],
+                     max_len=fixed["max_len"], out_dir=str(out / "aligned"), step=name, step_config=knobs)
+    return cfg, {}

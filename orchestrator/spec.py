@@ -346,14 +346,20 @@ class SearchDim(Strict):
         return self
 
 
-TUNABLE = ("vulnerability.threshold", "vaa.rho", "vaa.eta", "vaa.lam", "vaa.lr", "vaa.epochs")
+# What a sweep may search, by the model its trials train (`tune.model`).
+TUNABLE = {"vaa": ("vulnerability.threshold", "vaa.rho", "vaa.eta", "vaa.lam", "vaa.lr", "vaa.epochs"),
+           "vaccine": ("defences.vaccine.rho",),
+           "booster": ("defences.booster.lam", "defences.booster.alpha"),
+           "repnoise": ("defences.repnoise.beta", "defences.repnoise.alpha")}
 
 
 class TuneSpec(Strict):
-    """Ray Tune over the forgetting threshold and the DRO knobs: each trial aligns with VAA,
-    attacks on `tasks` at ratio `p`, evaluates; objectives min HS and max FA (SCIENCE.md §5-6)."""
+    """Ray Tune over one aligned model's knobs (VAA's forgetting threshold and DRO knobs, or a
+    defence's, which is how a defence is calibrated): each trial aligns with them, attacks on
+    `tasks` at ratio `p`, evaluates on validation; objectives min HS and max FA (SCIENCE.md §5-6)."""
 
     enabled: bool = False
+    model: Literal["vaa", "vaccine", "booster", "repnoise"] = "vaa"  # what each trial trains
     space: dict[str, SearchDim] = {}
     search: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["none", "asha"] = "none"  # ASHA on score = FA − HS
@@ -369,8 +375,9 @@ class TuneSpec(Strict):
     @model_validator(mode="after")
     def _space(self):
         for key in self.space:
-            if key not in TUNABLE:
-                raise ValueError(f"space: '{key}' cannot be searched (searchable: {', '.join(TUNABLE)})")
+            if key not in TUNABLE[self.model]:
+                raise ValueError(f"space: '{key}' cannot be searched with model {self.model} "
+                                 f"(searchable: {', '.join(TUNABLE[self.model])})")
         if self.enabled and not self.space:
             raise ValueError("space: name at least one field to search")
         if self.search == "grid" and any(d.type != "grid" for d in self.space.values()):
@@ -466,6 +473,10 @@ class StudySpec(Strict):
                 and self.attack.zero_stage == 3:
             raise ValueError("attack.zero_stage: Lisa's proximal term needs whole weights on every worker; "
                              "use zero_stage 2 or ddp for attacks with '+lisa'")
+        if self.tune.enabled and self.tune.model in ("booster", "repnoise") \
+                and self.defences.harmful_rows < self.align_sft.batch_size:
+            raise ValueError(f"defences.harmful_rows: tune.model {self.tune.model} trains on harmful rows set aside "
+                             f"for it; set harmful_rows to at least one batch ({self.align_sft.batch_size})")
         needs_harmful = [d for d in self.defences.train if d in ("booster", "repnoise")]
         if needs_harmful and self.defences.harmful_rows < self.align_sft.batch_size:
             raise ValueError(f"defences.harmful_rows: {' and '.join(needs_harmful)} also train on harmful rows set "

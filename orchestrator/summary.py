@@ -90,10 +90,11 @@ def render(summary: dict, console) -> None:
         t = summary["tune"]
         sel, base = t["selected"], t["baselines"]
         line = lambda b: f"HS {b['hs']:.3f} / FA {b['fa']:.3f}" if b else "n/a"  # noqa: E731
-        console.print(f"tune: {t['trials']} trials at p = {t['p']:g} on {', '.join(t['tasks'])}; "
+        console.print(f"tune ({t['model']}): {t['trials']} trials at p = {t['p']:g} on {', '.join(t['tasks'])}; "
                       f"{len(t['pareto'])} on the Pareto front")
         console.print(f"  selected on validation {sel['config'] if sel else 'none (no trial within δ of SFT FA)'}: "
-                      f"{line(sel)}   sft {line(base['sft'])}   vaa (spec defaults) {line(base['vaa'])}")
+                      f"{line(sel)}   sft {line(base['sft'])}   {t['model']} (spec defaults) "
+                      f"{line(base.get(t['model']))}")
         if sel and sel.get("test"):
             console.print(f"  the selected configuration on test: {line(sel['test'])}")
     vuln = summary.get("vulnerability")

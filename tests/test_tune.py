@@ -16,7 +16,7 @@ SWEEP = ("--set", "tune.enabled=true", "--set",
 
 def finished_trials(store) -> list:
     """Trial directories whose trial has reported its result."""
-    return [d for d in store.glob("ray/smoke-tune-*/vaa_trial_*")
+    return [d for d in store.glob("ray/smoke-tune-*/trial_*")
             if (d / "result.json").exists() and (d / "result.json").read_text().strip()]
 
 
@@ -34,7 +34,7 @@ def test_sweep_resumes_after_the_driver_is_killed(smoke_store):
     assert t["trials"] == 4 and t["failed_trials"] == 0 and t["pareto"]
     assert t["selected"] is None or set(t["selected"]["config"]) == {"vaa.rho", "vulnerability.threshold"}
     assert t["baselines"]["sft"] and t["baselines"]["vaa"]
-    for d in smoke_store.glob("ray/smoke-tune-*/vaa_trial_*"):
+    for d in smoke_store.glob("ray/smoke-tune-*/trial_*"):
         runs = len((d / "started").read_text().splitlines())
         assert runs == 1 if d.name in done_before else runs >= 1, f"{d.name} ran {runs} times"
     client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
@@ -47,3 +47,21 @@ def test_sweep_resumes_after_the_driver_is_killed(smoke_store):
     assert sorted(r.data.tags["saferay.trial"] for r in trials) == sorted({r.data.tags["saferay.trial"] for r in trials})
     assert len(trials) == 4 and all({"vaa.rho", "vulnerability.threshold"} <= set(r.data.params) for r in trials)
     assert {a.path for a in client.list_artifacts(tune_runs[0].info.run_id, "plots")} == {"plots/pareto.png"}
+
+
+def test_a_sweep_calibrates_a_defence_on_validation(smoke_store):
+    """`tune.model: vaccine`: each trial aligns with Vaccine at its ρ (not VAA), attacks and
+    evaluates on validation; only the tune stage runs again."""
+    grid = "tune.space={defences.vaccine.rho: {type: grid, values: [0.5, 4.0]}}"
+    saferay("run", str(SMOKE), "--set", "tune.enabled=true", "--set", "tune.model=vaccine", "--set", grid,
+            store=smoke_store)
+    s = json.loads(saferay("show", "smoke", "--json", store=smoke_store).stdout)
+    t = s["tune"]
+    assert t["model"] == "vaccine" and t["trials"] == 2 and t["failed_trials"] == 0
+    assert set(t["baselines"]) == {"sft", "vaccine"} and t["baselines"]["sft"]
+    assert t["baselines"]["vaccine"] is None, "the smoke study does not attack Vaccine"
+    key = next(st["key"] for st in s["stages"] if st["name"] == "tune")
+    runs = {p.name for p in smoke_store.glob(f"ray/smoke-tune-{key}-*")}
+    assert len([r for r in runs if r.endswith("-vaccine")]) == 2 and not [r for r in runs if r.endswith("-vaa")], runs
+    assert all(st["status"] == "cached" for st in s["stages"] if st["name"] != "tune")
+    assert t["pareto"] and all(set(p["config"]) == {"defences.vaccine.rho"} for p in t["pareto"])

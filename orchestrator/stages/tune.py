@@ -1,5 +1,6 @@
-"""The tune stage: Ray Tune over the forgetting threshold and VAA's DRO knobs, the Pareto front of
-(HS ↓, FA ↑), and the configuration the spec's selection rule picks.
+"""The tune stage: Ray Tune over one aligned model's knobs (VAA's forgetting threshold and DRO
+knobs, or a defence's: `tune.model`), the Pareto front of (HS ↓, FA ↑) on validation, and the
+configuration the spec's selection rule picks.
 
 A sweep interrupted with its driver resumes with Tune's own restore (the run name carries the
 stage key), so finished trials are not re-run; MLflow runs of trials are created by the driver
@@ -17,14 +18,15 @@ from orchestrator.stage import StageContext, model_dir, run_name, scaling
 from orchestrator.stages.align_sft import alignment_frame
 
 NAME = "tune"
-VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
+VERSION = 4  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'vulnerability', 'attack', 'evaluate')
 
 
 def config(spec: StudySpec) -> dict:
     if not spec.tune.enabled:
         return {"enabled": False}
-    return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
+    defences = {} if spec.tune.model == "vaa" else {"defences": spec.defences.model_dump()}
+    return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"), **defences,
             "align": spec.align_sft.model_dump(), "attack": spec.attack.model_dump(),
             "evaluate": spec.evaluate.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
 
@@ -121,7 +123,7 @@ def resources(spec: StudySpec) -> str:
 def shown(result: dict, stage_dir: Path) -> dict:
     if not result.get("enabled"):
         return {}
-    tune = {k: result.get(k) for k in ("selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
+    tune = {k: result.get(k) for k in ("model", "selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
     return {"tune": {**tune, "trials": len(result["trials"])}, "selection": result.get("selection")}
 
 
@@ -129,7 +131,7 @@ def run(ctx: StageContext) -> dict:
     from ray import tune
 
     from jobs.models import load_tokenizer
-    from jobs.tune_trial import vaa_trial
+    from jobs.tune_trial import trial
 
     spec, t = ctx.spec, ctx.spec.tune
     if not t.enabled:
@@ -145,8 +147,11 @@ def run(ctx: StageContext) -> dict:
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
              "evaluate": spec.evaluate.model_dump(), "storage": str(ctx.ray_storage), "run_prefix": run_name(ctx, "tune"),
              # Beside the stage's directory, not in its private one: a resumed sweep keeps finished trials' models.
-             "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}")}
-    trainable = tune.with_resources(tune.with_parameters(vaa_trial, fixed=fixed), {"cpu": t.cpus_per_trial})
+             "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}"),
+             "model": t.model, "knobs": getattr(spec.defences, t.model).model_dump() if t.model != "vaa" else {},
+             # The attack's poison leaves out the defences' harmful set, in trials as in the attack stage.
+             "harmful_rows": spec.defences.harmful_rows}
+    trainable = tune.with_resources(tune.with_parameters(trial, fixed=fixed), {"cpu": t.cpus_per_trial})
     name = f"{spec.study}-tune-{ctx.key}"
     path = f"{ctx.ray_storage}/{name}"
     if tune.Tuner.can_restore(path):  # an interrupted sweep of this very stage: finished trials stay finished
@@ -170,14 +175,15 @@ def run(ctx: StageContext) -> dict:
     if not rows:
         raise RuntimeError(f"no trial of the sweep finished ({len(grid)} trials; see {path})")
     ctx.progress("baselines on the validation prompts")
-    sft, vaa_default = _baseline(ctx, "sft"), _baseline(ctx, "vaa")
+    # SFT, and the tuned model with the spec's knobs, where the attack stage attacked them at p.
+    sft, default = _baseline(ctx, "sft"), _baseline(ctx, t.model)
     selected = select(rows, sft["fa"] if sft else max(r["fa"] for r in rows), t.delta)
     if selected:  # chosen on validation; its attack cells are evaluated on test once, and both are reported
         ctx.progress("the selected configuration on the test prompts")
         selected = {**selected, "test": _evaluate_cells(
             ctx, {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}, "test")}
     result = {"enabled": True, "trials": sorted(rows, key=lambda r: r["trial_id"]), "pareto": pareto_front(rows),
-              "selected": selected, "baselines": {"sft": sft, "vaa": vaa_default}, "p": t.p, "tasks": t.tasks,
+              "selected": selected, "baselines": {"sft": sft, t.model: default}, "model": t.model, "p": t.p, "tasks": t.tasks,
               "selection": {"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",
                             "reported_on_test": ["selected"]},
               "failed_trials": len(grid) - len(rows)}

@@ -6,7 +6,8 @@ attack grid's parallel efficiency (many small runs at once).
   loop with the same threads (target: ratio ≥ 0.9).
 - 2 workers: DDP (and ZeRO-2/3) with one thread each, against the bare loop with two threads
   (target for DDP: ratio ≥ 0.9): what splitting a tiny model over processes costs.
-- The grid: 4 attack-cell-sized runs, 2 at a time, wall time against the sum of their own times.
+- The grid: 4 attack-cell-sized runs, 2 at a time, wall time against the sum of their own times;
+  and the same 4 cells in 2 worker groups that train theirs in turn, wall against wall.
 Tokens/s are counted inside the loop; the end-to-end figure adds worker start-up and model load.
 """
 
@@ -90,6 +91,23 @@ def grid(model_dir: str, data: str, cfg: dict, pad_id: int, storage: str, cells:
     return {"wall": wall, "sum": sum(own), "efficiency": sum(own) / (wall * at_once)}
 
 
+def grouped_grid(model_dir: str, data: str, cfg: dict, pad_id: int, storage: str, cells: int = 4,
+                 at_once: int = 2) -> dict:
+    """The same cells as `grid`, split into `at_once` worker groups that each train theirs in turn
+    (`fit_group`, as the attack stage does now)."""
+    import ray
+
+    from jobs.launch import fit_group
+
+    cfgs = [{**cfg, "strategy": "ddp", "seed": i, "model_dir": model_dir, "data": data, "pad_id": pad_id,
+             "threads": 1, "num_workers": 1, "cpus_per_worker": 1} for i in range(cells)]
+    task = ray.remote(lambda group, name: fit_group(group, name, storage)).options(num_cpus=0)
+    began = time.perf_counter()
+    size = -(-cells // at_once)
+    ray.get([task.remote(cfgs[k:k + size], f"bench-group{k}-{time.time_ns()}") for k in range(0, cells, size)])
+    return {"wall": time.perf_counter() - began}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=1024)
@@ -136,6 +154,10 @@ def main(argv=None):
         out.append({"name": "train/attack_grid_efficiency", "value": g["efficiency"], "unit": "ratio",
                     "note": f"4 one-worker runs, 2 at a time: wall {g['wall']:.1f}s, their own times sum to {g['sum']:.1f}s"
                             f" (1.0: two runs at once cost nothing extra; one-thread bare loop {bare_one['tokens_per_s']:.0f} tokens/s)"})
+        grouped = grouped_grid(model_dir, small, cfg, tok.pad_token_id, storage)
+        out.append({"name": "train/attack_grid_grouped_wall", "value": grouped["wall"], "unit": "s",
+                    "baseline": g["wall"], "ratio": grouped["wall"] / g["wall"],
+                    "note": "the same 4 cells in 2 worker groups of 2 (fit_group), against 4 runs of their own"})
     finally:
         ray.shutdown()
 

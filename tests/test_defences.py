@@ -231,14 +231,17 @@ def ddp_setup(tmp_path_factory):
     ray.shutdown()
 
 
-STEP_CONFIGS = {"vaccine": {"rho": 2.0}, "booster": {"lam": 5.0, "alpha": 0.1}, "repnoise": {"beta": 1.0, "alpha": 0.1}}
+STEP_CONFIGS = {"vaccine": {"rho": 2.0}, "booster": {"lam": 5.0, "alpha": 0.1}, "repnoise": {"beta": 1.0, "alpha": 0.1},
+                "lisa": {"rho": 1.0, "align_steps": 1, "finetune_steps": 1, "prox_after": 0.0}}
 
 
 # Every defence under DDP; Vaccine's and RepNoise's hooks also on ZeRO-3's partitioned blocks;
 # Booster's three backwards under ZeRO-2 and ZeRO-3, whose optimizer keeps only the last
 # backward's gradient (measured 2026-11-23): the backend holds the earlier ones and adds them back.
+# Lisa (an attack cell's step, its proximal term on whole weights) under DDP and ZeRO-2.
 STRATEGIES = [("vaccine", "ddp", 2), ("booster", "ddp", 2), ("repnoise", "ddp", 2), ("vaccine", "deepspeed", 3),
-              ("repnoise", "deepspeed", 3), ("booster", "deepspeed", 2), ("booster", "deepspeed", 3)]
+              ("repnoise", "deepspeed", 3), ("booster", "deepspeed", 2), ("booster", "deepspeed", 3),
+              ("lisa", "ddp", 2), ("lisa", "deepspeed", 2)]
 
 
 @pytest.mark.parametrize("defence,strategy,zero_stage", STRATEGIES)
@@ -246,7 +249,11 @@ def test_defence_gives_the_same_numbers_on_2_workers(ddp_setup, defence, strateg
     from test_vaa_strategies import single_process
 
     tmp, tok, rows = ddp_setup
-    cfg = {"model_dir": str(tmp / "model"), "data": str(tmp / "rows.parquet"), "strategy": strategy,
+    if defence == "lisa":  # Lisa's second stream is the alignment rows
+        rows = rows.assign(stream=rows["stream"].replace("harmful", "alignment"))
+        rows.to_parquet(tmp / "lisa-rows.parquet")
+    cfg = {"model_dir": str(tmp / "model"), "strategy": strategy,
+           "data": str(tmp / ("lisa-rows.parquet" if defence == "lisa" else "rows.parquet")),
            "zero_stage": zero_stage,
            "num_workers": 2, "cpus_per_worker": 1, "batch_size": 4, "epochs": 2, "steps_per_epoch": 2, "lr": 1e-2,
            "weight_decay": 0.1, "grad_clip": 1.0, "warmup": 0.0, "schedule": "constant", "seed": 2,

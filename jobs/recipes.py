@@ -113,19 +113,18 @@ def attack_cell_config(model_dir: str, data_dir: str, task: str, p: float, n: in
     return cfg, len(harmful_ids(data_dir, mix))
 
 
+ATTACK_CELL_ARGS = frozenset(inspect.signature(attack_cell_config).parameters)
+
+
 def attack_cells(cells: list[dict], run_name: str, storage: str) -> list[dict]:
     """Attack cells (each `attack_cell_config`'s arguments, plus anything for its run config such
     as `progress`) trained in turn by one Ray Train worker group; their histories, in order."""
     configs, harmful = [], []
     for cell in cells:
-        args = {k: v for k, v in cell.items() if k in ATTACK_CELL_ARGS}
-        cfg, k = attack_cell_config(**args)
+        cfg, count = attack_cell_config(**{k: v for k, v in cell.items() if k in ATTACK_CELL_ARGS})
         configs.append({**cfg, **{k: v for k, v in cell.items() if k not in ATTACK_CELL_ARGS}})
-        harmful.append(k)
-    return [{**h, "harmful_examples": k} for h, k in zip(fit_group(configs, run_name, storage), harmful)]
-
-
-ATTACK_CELL_ARGS = frozenset(inspect.signature(attack_cell_config).parameters)
+        harmful.append(count)
+    return [{**h, "harmful_examples": count} for h, count in zip(fit_group(configs, run_name, storage), harmful)]
 
 
 def attack_cell(model_dir: str, data_dir: str, task: str, p: float, n: int, train: dict, seed: int, max_len: int,

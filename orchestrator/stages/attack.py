@@ -12,13 +12,15 @@ from orchestrator.stage import (StageContext, aligned_models, ray_progress, run_
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
+# How the cells are scheduled, which changes no cell's result (so not the stage's key).
+SCHEDULING = {"max_concurrent", "cells_per_group"}
 
 
 def config(spec: StudySpec) -> dict:
     lisa = {"lisa": spec.defences.lisa.model_dump()} if any(m.endswith(LISA) for m in spec.attack.models) else {}
     # The poison changes only for a study that sets harmful rows aside for its defences.
     aside = {"harmful_aside": spec.defences.harmful_rows} if spec.defences.harmful_rows else {}
-    return {"attack": spec.attack.model_dump(), "seed": spec.seed, "seeds": spec.replicates,
+    return {"attack": spec.attack.model_dump(exclude=SCHEDULING), "seed": spec.seed, "seeds": spec.replicates,
             "max_len": spec.model.tiny.max_len, **lisa, **aside}
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from orchestrator.spec import StudySpec
 from orchestrator.stage import StageContext, model_dir, run_name, scaling
 from orchestrator.stages.align_sft import alignment_frame
+from orchestrator.stages.attack import SCHEDULING
 
 NAME = "tune"
 VERSION = 4  # bump when the algorithm changes, so cached outputs are redone
@@ -27,7 +28,7 @@ def config(spec: StudySpec) -> dict:
         return {"enabled": False}
     defences = {} if spec.tune.model == "vaa" else {"defences": spec.defences.model_dump()}
     return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"), **defences,
-            "align": spec.align_sft.model_dump(), "attack": spec.attack.model_dump(),
+            "align": spec.align_sft.model_dump(), "attack": spec.attack.model_dump(exclude=SCHEDULING),
             "evaluate": spec.evaluate.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
 
 

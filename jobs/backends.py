@@ -114,11 +114,14 @@ class ZeroBackend(PlainBackend):
         return self.engine(**model_inputs(batch), num_items_in_batch=n_tokens).loss.float()  # the engine casts for bf16
 
     def backward(self, loss: torch.Tensor, accumulate: bool = False) -> None:
-        # DeepSpeed's ZeRO optimizer keeps only the last backward's gradient before a step
-        # (measured, tests/test_defences.py): hold the earlier one and add it back. Under ZeRO-3
-        # a rank holds its own partition; under ZeRO-2, whose weights are whole on every rank, the
-        # whole gradient (the local fragment API is ZeRO-3's only).
-        held = self._gradients() if accumulate else None
+        # ZeRO-2 keeps only the last backward's gradient before a step (measured,
+        # tests/test_defences.py); ZeRO-3 adds a backward to the earlier ones once a forward has
+        # come between them (its micro-step count moves at the forward), and copies otherwise.
+        # Where DeepSpeed would not add, hold the earlier gradient and add it back: under ZeRO-3
+        # a rank's own partition; under ZeRO-2, whose weights are whole on every rank, the whole
+        # gradient (the local fragment API is ZeRO-3's only).
+        adds = self.stage == 3 and self.engine.optimizer.micro_step_id > 0
+        held = self._gradients() if accumulate and not adds else None
         self.engine.backward(loss * self.world)
         if held is not None:
             for p, h, g in zip(self.params, held, self._gradients()):
@@ -169,9 +172,19 @@ class ZeroBackend(PlainBackend):
         return local.sqrt().item()
 
     def restore(self, saved: list[torch.Tensor]) -> None:
+        if self.stage < 3:
+            return super().restore(saved)
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
         with torch.no_grad():
             for p, s in zip(self.params, saved):
-                (p.ds_tensor if self.stage == 3 else p).copy_(s)
+                p.ds_tensor.copy_(s)
+                # A parameter DeepSpeed still holds whole (the small ones it keeps gathered, and
+                # any the last pass left so) would keep its moved value until the step re-gathers
+                # it; a forward before the step (Booster's alignment pass) would see it. Release
+                # it, so the next forward gathers it from the restored partitions.
+                if p.ds_status == ZeroParamStatus.AVAILABLE:
+                    p.partition()
 
     def zero_grad(self) -> None:
         # Through DeepSpeed's optimizer wrapper, which clears its own gradient buffers (and under

@@ -161,6 +161,41 @@ def test_repnoise_loss_terms_equal_the_hand_computed_ones(tiny):
     assert_weights(model, expected)
 
 
+@pytest.mark.parametrize("defence", ["vaccine", "booster", "repnoise"])
+def test_alignment_defence_under_lora_moves_only_the_adapters(tiny, defence):
+    """With LoRA the blocks sit inside PEFT's wrappers and only the adapters train: each step
+    still finds the blocks (Vaccine's and RepNoise's hooks), measures its quantity on what
+    trains (Vaccine's ‖ε‖ = ρ, Booster's shift = α) and moves nothing else."""
+    from jobs.models import apply_lora
+
+    model, align, harmful = tiny
+    model = apply_lora(model, {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():  # PEFT starts B at zero: make the adapters matter from the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = {"vaccine": {"rho": 0.5}, "booster": {"lam": 2.0, "alpha": 0.3},
+           "repnoise": {"beta": 0.7, "alpha": 0.2, "seed": 3, "batch_size": 2}}[defence]
+    step = {"vaccine": VaccineStep, "booster": BoosterStep, "repnoise": RepNoiseStep}[defence](cfg, 1)
+    backend = PlainBackend(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR),
+                           None, grad_clip=1e9)
+    if defence == "vaccine":
+        out = step.take(backend, align, count_target_tokens(align), lambda x: x)
+        assert out["eps_norm"] == pytest.approx(0.5, rel=1e-4) and out["perturbed_loss"] > out["loss"]
+    else:
+        out = step.take(backend, {"all": align, "harmful": harmful},
+                        {"all": count_target_tokens(align), "harmful": count_target_tokens(harmful)}, lambda x: x)
+        if defence == "booster":
+            assert out["shift_norm"] == pytest.approx(0.3, rel=1e-4)
+            assert out["harmful_loss_shifted"] < out["harmful_loss"]
+        else:
+            assert out["mmd"] > 0 and out["loss"] == pytest.approx(
+                out["harmless_loss"] + 0.7 * out["mmd"] - 0.2 * math.log(out["harmful_loss"]), rel=1e-5)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+
+
 def test_lisa_switches_states_and_pulls_towards_the_last_switch(tiny):
     """K_a = 1, K_f = 2: alignment, user, user, alignment, ...; the proximal term ρ/2·‖w − w̃‖²
     with w̃ the weights at the last switch (none before `prox_after` of the steps)."""

@@ -15,7 +15,8 @@ def test_demo_is_short_and_fully_defaulted():
     spec = load_spec(ROOT / "studies" / "demo.yaml")
     assert spec.study == "demo" and spec.align_sft.strategy == "ddp" and spec.evaluate.judge == "world"
     lines = (ROOT / "studies" / "demo.yaml").read_text().splitlines()
-    assert len([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]) < 15
+    # Short: the study, its seeds and sizes, the paper's rows with their calibrated knobs, the grid.
+    assert len([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]) <= 20
 
 
 @pytest.mark.parametrize("override, message", [

@@ -194,11 +194,19 @@ def train_run(cfg: dict, index: int, done: list[dict], resuming: bool) -> dict:
             Path(fault["once_file"]).touch()  # a worker process that dies once, mid-epoch (tests)
             os._exit(1)
 
+    # Of `seconds`, the time spent writing and reporting epoch checkpoints (the bench tells the
+    # two apart: a short run pays proportionally more for them).
+    checkpoint_seconds = extra.get("checkpoint_seconds", 0.0)
+
     def on_epoch(epoch: int, history: dict) -> None:
+        nonlocal checkpoint_seconds
+        written = time.perf_counter()
         new = history["loss"][-steps_per_epoch:]
         report_epoch(epoch, {"loss": sum(new) / len(new), "run": index}, rank, backend, index, extra={
             "history": history, "step": step.state(), "torch_rng": torch.get_rng_state().tolist(),
-            "tokens": tokens(history), "seconds": seconds_before + time.perf_counter() - began, "done": done})
+            "tokens": tokens(history), "seconds": seconds_before + time.perf_counter() - began, "done": done,
+            "checkpoint_seconds": checkpoint_seconds})
+        checkpoint_seconds += time.perf_counter() - written
 
     backend.model.train()
     history = run_epochs(backend, step, streams, cfg, steps_per_epoch, rank, world, start_epoch, sum_ranks,
@@ -210,6 +218,6 @@ def train_run(cfg: dict, index: int, done: list[dict], resuming: bool) -> dict:
     backend.close()
     # The history spans the whole run: the epochs before a restart came from the checkpoint.
     return {**history, "steps": len(history["loss"]), "start_epoch": start_epoch,
-            "tokens": tokens(history), "seconds": seconds,
+            "tokens": tokens(history), "seconds": seconds, "checkpoint_seconds": checkpoint_seconds,
             "peak_rss_mb": peak_rss_mb(),
             "checkpoints": [{"t": i, "step": s, "dir": f"ckpt-{i:02d}"} for s, i in saves.items()]}

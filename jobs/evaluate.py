@@ -7,10 +7,10 @@ import time
 import torch
 
 from jobs.corpora import read_split
-from jobs.generate import decode_texts
+from jobs.engines import HFEngine, engine
 from jobs.judge_registry import make_judge
 from jobs.metrics import harmful_score, rate, refusals, task_hits
-from jobs.models import load_model, load_tokenizer
+from jobs.models import load_tokenizer
 from jobs.resources import peak_rss_mb
 
 
@@ -22,24 +22,29 @@ HELD_OUT = {  # which splits each side reads: selection looks at validation only
 
 def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1,
                    tsdi: dict | None = None, split: str = "test") -> dict:
-    """HS, over-refusal and FA on the `split` side ("test", or "validation" for selection);
-    `tsdi={"bias": path, "alpha": α, "length": L}` decodes with the bias removed (SCIENCE.md §7)."""
+    """HS, over-refusal and FA on the `split` side ("test", or "validation" for selection), decoded
+    with `cfg["decoding"]`'s engine; `tsdi={"bias": path, "alpha": α, "length": L}` decodes with the
+    bias removed (SCIENCE.md §7), on the hf engine: its per-position logits processor is written
+    for Hugging Face `generate`."""
     names = HELD_OUT[split]
     torch.set_num_threads(threads)
     began = time.perf_counter()
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
     judge = make_judge(cfg["judge"], cfg.get("judge_model"))
+    decoder = engine(cfg.get("decoding"), cfg["batch_size"])
     processors_for = None
     if tsdi:
         from jobs.tsdi import load_bias, processor_factory
 
         processors_for = processor_factory(load_bias(tsdi["bias"])[0], tsdi["alpha"], tsdi["length"])
+        decoder = decoder if decoder.name == "hf" else HFEngine(cfg["batch_size"])
+    decoder.load(model_dir)
 
     def responses(split: str, max_new_tokens: int):
         df = read_split(data_dir, split)
-        texts = decode_texts(model, tok, [list(x) for x in df["prompt_ids"]], max_new_tokens, cfg["batch_size"],
-                             processors_for)
-        return df, texts
+        ids, _ = decoder.generate([list(x) for x in df["prompt_ids"]], max_new_tokens, tok.pad_token_id,
+                                  tok.eos_token_id, processors_for=processors_for)
+        return df, tok.batch_decode(ids, skip_special_tokens=True)
 
     harm_df, harm_out = responses(names["harmful"], cfg["max_new_tokens"])
     harm_verdicts = judge(harm_df["prompt"].tolist(), harm_out)
@@ -59,6 +64,7 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
         result["fa"][task] = rate(outcomes["fa"][task])
     result["outcomes"] = outcomes
     result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm_df["prompt"][:3], harm_out[:3])]
+    result["engine"] = decoder.name
     result["seconds"] = time.perf_counter() - began
     result["peak_rss_mb"] = peak_rss_mb()
     return result

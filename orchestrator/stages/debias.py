@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> dict:
         for alpha, length in settings:
             tsdi = None if alpha is None else {"bias": str(ctx.out / "bias" / f"{name}.safetensors"),
                                                "alpha": alpha, "length": length}
-            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.evaluate.model_dump(), 1, tsdi)] = (
+            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.decode_cfg(), 1, tsdi)] = (
                 name, alpha, length)
     evals = dict(wait_all(ctx, refs, "debiased evaluations"))
 

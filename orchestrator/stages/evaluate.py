@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
         targets[target] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
         replicates.setdefault((cell["model"], cell["task"], cell["p"]), []).append(target)
     task = ray.remote(evaluate_model).options(num_cpus=1)
-    refs = {task.remote(path, data_dir, tasks, spec.evaluate.model_dump(), 1): target
+    refs = {task.remote(path, data_dir, tasks, spec.decode_cfg(), 1): target
             for target, (path, tasks) in targets.items()}
     results = dict(wait_all(ctx, refs, "models evaluated"))
     warnings = judge_warnings(spec.evaluate.judge, {f"{n} (seed {s})": r for (n, s), r in results.items()})

@@ -84,7 +84,7 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
     if len(cells) != len(ctx.spec.tune.tasks):
         return None
     task = ray.remote(evaluate_model).options(num_cpus=1)
-    results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.evaluate.model_dump(), 1,
+    results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.decode_cfg(), 1,
                                    split=split) for name, path in cells.items()])
     from jobs.metrics import judge_warnings
 
@@ -146,7 +146,7 @@ def run(ctx: StageContext) -> dict:
              "threshold": spec.vulnerability.threshold, "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0],
              "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
-             "evaluate": spec.evaluate.model_dump(), "storage": str(ctx.ray_storage), "run_prefix": run_name(ctx, "tune"),
+             "evaluate": spec.decode_cfg(), "storage": str(ctx.ray_storage), "run_prefix": run_name(ctx, "tune"),
              # Beside the stage's directory, not in its private one: a resumed sweep keeps finished trials' models.
              "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}"),
              "model": t.model, "knobs": getattr(spec.defences, t.model).model_dump() if t.model != "vaa" else {},

@@ -2,7 +2,8 @@
 
 Both return, per prompt, the generated token ids (eos and what follows removed) and, when asked,
 the log-probabilities of a few named tokens at the first response position (the vulnerability
-stage's refusal margin). Greedy decoding gives the same tokens on either engine (tested).
+stage's refusal margin). Greedy decoding gives the same tokens on either engine (tested on CPU in
+fp32 on the smoke study's Llama models; both engines load fp32 for that reason).
 
 A vLLM engine takes tens of seconds to start and a study decodes dozens of checkpoints of one
 architecture, so an engine is started once per process (a decoding actor, an evaluation task's
@@ -39,19 +40,19 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, batch_size: int = 128):
-        self.batch_size, self.model, self.path = batch_size, None, None
+        self.batch_size, self.model = batch_size, None
 
-    def load(self, model_dir: str, model=None) -> None:
+    def load(self, model_dir: str) -> None:
         from jobs.models import load_model
 
-        if model_dir != self.path:
-            self.model, self.path = model if model is not None else load_model(model_dir), model_dir
+        # The device Ray gave this process: a GPU where the task asked for one, else the CPU.
+        self.model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
                  scored_tokens: list[int] | None = None, processors_for=None):
         from jobs.generate import greedy_decode, greedy_decode_scored
 
-        if scored_tokens is None:
+        if not scored_tokens:
             return greedy_decode(self.model, prompt_ids, pad_id, eos_id, max_new_tokens, self.batch_size,
                                  processors_for), None
         return greedy_decode_scored(self.model, prompt_ids, pad_id, eos_id, max_new_tokens,
@@ -59,27 +60,43 @@ class HFEngine:
                                     self.batch_size)
 
 
-def _load_weights(worker, model_dir: str) -> int:
+def _load_weights(worker, model_dir: str, tied: bool) -> int:
     """Runs inside vLLM's worker process: the checkpoint's weights, in place, into the live model.
 
-    A tied output layer has no tensor of its own in the checkpoint, and vLLM's in-place reload
-    then leaves the old one in place: it is given the embedding explicitly."""
+    vLLM's in-place reload keeps a layer's old weights when the iterator has none for it (with
+    only a log line), and a tied output layer has no tensor of its own in the checkpoint: it is
+    given the embedding explicitly."""
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         weights.update(load_file(str(f)))
-    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+    if tied and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     worker.reload_weights(weights_iterator=iter(weights.items()))
     return len(weights)
 
 
-def architecture(model_dir: str) -> str:
-    """What must match for a checkpoint's weights to load into a running engine."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+def config_fingerprint(config: dict) -> str:
+    """What must match for a checkpoint's weights to load into a running engine (stricter than
+    needed: any config change restarts the engine, which is slow but never wrong)."""
     return json.dumps({k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")},
                       sort_keys=True)
+
+
+def _vllm_loadable(model_dir: str) -> dict:
+    """The config of a local safetensors checkpoint vLLM can take, or one clear error."""
+    path = Path(model_dir)
+    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+        raise InputError(f"decoding.engine: vllm loads local safetensors checkpoints (config.json and "
+                         f"*.safetensors); {model_dir} is not one")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("tie_word_embeddings") and config.get("model_type") != "llama":
+        # The explicit tie in _load_weights names Llama's embedding; another family would decode
+        # with a stale output layer after a reload.
+        raise InputError(f"decoding.engine: vllm reloads tied Llama checkpoints only; {model_dir} is a tied "
+                         f"{config.get('model_type')}: use decoding.engine: hf")
+    return config
 
 
 class VLLMEngine:
@@ -87,22 +104,21 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, kv_cache_gb: float = 0.25, max_model_len: int | None = None):
-        self.kv_cache_gb, self.max_model_len = kv_cache_gb, max_model_len
-        self.llm, self.shape, self.path = None, None, None
+    def __init__(self, kv_cache_gb: float = 0.25):
+        self.kv_cache_gb, self.llm, self.fingerprint, self.max_len = kv_cache_gb, None, None, None
 
-    def load(self, model_dir: str, model=None) -> None:
-        if model_dir == self.path:
-            return
-        if not (Path(model_dir) / "config.json").exists():
-            raise InputError(f"decoding.engine vllm needs a local model directory with config.json: {model_dir}")
-        shape = architecture(model_dir)
-        if self.llm is not None and shape == self.shape:
-            self.llm.collective_rpc(_load_weights, args=(str(model_dir),))
+    def load(self, model_dir: str) -> None:
+        """Always reloads, even a path seen before: a retried run may have rewritten it (0.04-0.4 s)."""
+        config = _vllm_loadable(model_dir)
+        fingerprint = config_fingerprint(config)
+        if self.llm is not None and fingerprint == self.fingerprint:
+            loaded = self.llm.collective_rpc(_load_weights, args=(str(model_dir), bool(config.get("tie_word_embeddings"))))
+            if not all(loaded):
+                raise RuntimeError(f"vLLM loaded no weights from {model_dir}")
         else:
             self.close()
             self.llm = self._start(model_dir)
-        self.shape, self.path = shape, model_dir
+        self.fingerprint, self.max_len = fingerprint, config.get("max_position_embeddings")
 
     def _start(self, model_dir: str):
         # The weight loader above is sent to vLLM's worker as a function, which vLLM pickles only
@@ -110,11 +126,13 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         from vllm import LLM
 
-        # The KV cache is sized in bytes: on CPU vLLM otherwise reserves a fraction of all RAM.
-        # Prefix caching stays off because weights change under it (a cached prefix would be stale).
-        return LLM(model=str(model_dir), dtype="float32" if not torch.cuda.is_available() else "auto",
-                   kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)), enable_prefix_caching=False,
-                   enforce_eager=not torch.cuda.is_available(), max_model_len=self.max_model_len, seed=0)
+        # fp32 like the hf engine (jobs.models.load_model), so both give the same tokens; the KV
+        # cache sized in bytes (on CPU vLLM otherwise reserves a fraction of all RAM); prefix
+        # caching off because weights change under it; vLLM's neutral sampling defaults rather
+        # than the checkpoint's generation_config (which may add stop tokens hf would not use).
+        return LLM(model=str(model_dir), dtype="float32", kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
+                   enable_prefix_caching=False, enforce_eager=not torch.cuda.is_available(),
+                   generation_config="vllm", seed=0)
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
                  scored_tokens: list[int] | None = None, processors_for=None):
@@ -123,13 +141,19 @@ class VLLMEngine:
 
         if processors_for is not None:
             raise ValueError("TSDI decodes with the hf engine only")  # callers route it there
-        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, stop_token_ids=[int(eos_id)],
+        if self.max_len and (longest := max((len(p) for p in prompt_ids), default=0)) + max_new_tokens > self.max_len:
+            # vLLM stops at the model's context where hf would go on: the engines would disagree.
+            raise InputError(f"decoding.engine: vllm: a prompt of {longest} tokens + {max_new_tokens} new ones "
+                             f"exceeds the model's {self.max_len} positions")
+        # Stop at `eos_id` only (ignore_eos drops vLLM's own eos handling), as `generate` does; pad_id
+        # and batch sizes are hf's concerns (vLLM batches by itself).
+        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True, stop_token_ids=[int(eos_id)],
                                 logprob_token_ids=[int(t) for t in scored_tokens] if scored_tokens else None)
         # Plain ints: ids read from parquet are numpy integers, which vLLM's request encoding
         # rejects in its engine process (the request is then lost, and generate waits forever).
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        ids = [[t for t in o.outputs[0].token_ids] for o in outs]
+        ids = [list(o.outputs[0].token_ids) for o in outs]
         ids = [x[: x.index(eos_id)] if eos_id in x else x for x in ids]
         if not scored_tokens:
             return ids, None
@@ -142,25 +166,29 @@ class VLLMEngine:
             self.llm = None
 
 
-_ENGINES: dict[tuple, object] = {}
+_VLLM: VLLMEngine | None = None  # this process's one vLLM engine
 
 
 def close_all() -> None:
-    """Stop this process's vLLM engines (their processes with them)."""
-    while _ENGINES:
-        _ENGINES.popitem()[1].close()
+    """Stop this process's vLLM engine (its processes with it)."""
+    global _VLLM
+    if _VLLM is not None:
+        _VLLM.close()
+        _VLLM = None
 
 
-def engine(decoding: dict | None, batch_size: int = 128, max_model_len: int | None = None):
+def engine(decoding: dict | None, batch_size: int = 128):
     """This process's engine for the `decoding` settings: one vLLM engine per process, reused
     across tasks and checkpoints (Ray reuses worker processes); an `hf` engine is cheap."""
+    global _VLLM
     decoding = decoding or {}
     name = decoding.get("engine", "hf")
     if name not in ENGINES:
         raise InputError(f"decoding.engine must be one of {ENGINES}, not {name!r}")
     if name == "hf":
         return HFEngine(batch_size)
-    key = (name, decoding.get("kv_cache_gb", 0.25), max_model_len)
-    if key not in _ENGINES:
-        _ENGINES[key] = VLLMEngine(decoding.get("kv_cache_gb", 0.25), max_model_len)
-    return _ENGINES[key]
+    kv_cache_gb = decoding.get("kv_cache_gb", 0.25)
+    if _VLLM is None or _VLLM.kv_cache_gb != kv_cache_gb:
+        close_all()
+        _VLLM = VLLMEngine(kv_cache_gb)
+    return _VLLM

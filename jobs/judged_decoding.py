@@ -65,6 +65,8 @@ class JudgedDecoder:
             verdicts = self.judge(rows["prompt"].tolist(), texts)
             rows = rows.drop(columns=["prompt_ids"]).assign(
                 response=texts, harmful=[v.harmful for v in verdicts], refused=[v.refused for v in verdicts],
-                parsed=[v.parsed for v in verdicts], margin=first_token_margin(logprobs, len(refusals)))
+                parsed=[v.parsed for v in verdicts],
+                margin=np.full(len(rows), np.nan) if not (refusals and compliances)  # no opening token to compare
+                else first_token_margin(logprobs, len(refusals)))
             parts.append(rows)
         return pd.concat(parts, ignore_index=True)

@@ -49,7 +49,8 @@ def trial(config: dict, fixed: dict) -> None:
                     str(out / f"attack-{task}"), f"{fixed['run_prefix']}-{trial_id}-attack-{task}", fixed["storage"],
                     aside=fixed["harmful_rows"])
     # Tune places a trial's child tasks in the trial's (tiny) placement group unless told otherwise.
-    evaluate = ray.remote(evaluate_model).options(num_cpus=1, scheduling_strategy="DEFAULT")
+    evaluate = ray.remote(evaluate_model).options(num_cpus=1, num_gpus=fixed["evaluate"]["decoding"]["gpus_per_worker"],
+                                                  scheduling_strategy="DEFAULT")
     results = ray.get([evaluate.remote(str(out / f"attack-{task}" / "model"), fixed["data"], [task],
                                        fixed["evaluate"], 1, split="validation") for task in fixed["tasks"]])
     for task, r in zip(fixed["tasks"], results):

@@ -3,6 +3,7 @@ usable, so bad input fails in seconds with one message and leaves the store as i
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -137,23 +138,40 @@ def check_resources(spec: StudySpec) -> None:
 
 
 def check_decoding(spec: StudySpec) -> None:
-    """`decoding.engine: vllm` needs vLLM installed and, on CPU, a head size its attention kernels take
-    (otherwise the engine starts and fails at the first prompt, minutes into a stage)."""
+    """GPUs for decoding must exist; `decoding.engine: vllm` needs vLLM installed, a model it can load
+    from local files, and (on CPU) a head size its attention kernels take: otherwise the engine
+    fails minutes into a stage."""
+    import torch
+
+    if spec.decoding.gpus_per_worker and spec.cluster.address is None and not torch.cuda.is_available():
+        raise InputError("decoding.gpus_per_worker: this machine has no GPU for the local Ray")
     if spec.decoding.engine != "vllm":
         return
     from jobs.engines import vllm_missing
+    from jobs.models import looks_local
 
+    source = spec.model.source
+    if source != "tiny" and not looks_local(source):
+        raise InputError(f"decoding.engine: vllm loads local checkpoints; model.source '{source}' is a hub id: "
+                         f"download it to a directory first, or set decoding.engine: hf")
     if why := vllm_missing():
         raise InputError(f"decoding.engine: {why}; or set decoding.engine: hf")
-    import torch
 
-    if spec.model.source == "tiny" and spec.cluster.address is None and not torch.cuda.is_available():
+    if not spec.decoding.gpus_per_worker:  # decoding processes hold no GPU: vLLM runs its CPU kernels
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-        head, sizes = spec.model.tiny.hidden // spec.model.tiny.heads, CPUAttentionBackend.get_supported_head_sizes()
+        if source == "tiny":
+            head, where = spec.model.tiny.hidden // spec.model.tiny.heads, "model.tiny has hidden / heads"
+        elif not (Path(source) / "config.json").exists():
+            raise InputError(f"decoding.engine: vllm loads checkpoints with a config.json; {source} has none")
+        else:
+            config = json.loads((Path(source) / "config.json").read_text())
+            head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+            where = f"{source} has head size"
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
         if head not in sizes:
-            raise InputError(f"decoding.engine: vllm on CPU takes head sizes {sizes}; model.tiny has "
-                             f"hidden / heads = {head}: change model.tiny or set decoding.engine: hf")
+            raise InputError(f"decoding.engine: vllm on CPU takes head sizes {sizes}; {where} = {head}: "
+                             f"change the model or set decoding.engine: hf")
 
 
 def preflight(spec: StudySpec, data_cached: bool) -> None:

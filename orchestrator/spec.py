@@ -405,6 +405,15 @@ class DecodingSpec(Strict):
     engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install -e '.[vllm]' (jobs/engines.py)
     # vLLM's KV cache per engine, in GiB (on CPU it is RAM; vLLM would otherwise reserve most of it).
     kv_cache_gb: float = Field(0.25, gt=0)
+    # GPUs per decoding process (a vulnerability decoding actor, an evaluation task); 0: CPU. The
+    # engine decodes on whatever device Ray gives the process.
+    gpus_per_worker: float = Field(0, ge=0)
+
+    def worker(self) -> str:
+        return "1 CPU" + (f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
+
+    def ray_options(self) -> dict:
+        return {"num_cpus": 1, "num_gpus": self.gpus_per_worker}
 
 
 class TrackingSpec(Strict):

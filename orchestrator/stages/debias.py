@@ -40,7 +40,7 @@ def resources(spec: StudySpec) -> str:
     if not spec.debias.enabled:
         return "none"
     over = f" + 1 run of {scaling(spec.align_sft)}" if spec.debias.over_aligned.enabled else ""
-    return f"1 CPU task per model{over}"
+    return f"one task per model ({spec.decoding.worker()}){over}"
 
 
 def shown(result: dict, stage_dir: Path) -> dict:
@@ -72,13 +72,15 @@ def run(ctx: StageContext) -> dict:
     settings = [(None, None)] + [(a, n) for a in d.sweep_alpha for n in d.sweep_length]
     if (d.alpha, d.length) not in settings:
         settings.append((d.alpha, d.length))
-    evaluate = ray.remote(evaluate_model).options(num_cpus=1)
+    evaluate = ray.remote(evaluate_model).options(**spec.decoding.ray_options())
     refs = {}
     for name, path in targets.items():
         for alpha, length in settings:
             tsdi = None if alpha is None else {"bias": str(ctx.out / "bias" / f"{name}.safetensors"),
                                                "alpha": alpha, "length": length}
-            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.decode_cfg(), 1, tsdi)] = (
+            # hf for every setting, the one without TSDI included: TSDI's processor is hf's, and a
+            # "without against with" comparison should not also change engine.
+            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.evaluate.model_dump(), 1, tsdi)] = (
                 name, alpha, length)
     evals = dict(wait_all(ctx, refs, "debiased evaluations"))
 

@@ -19,7 +19,7 @@ def config(spec: StudySpec) -> dict:
 
 
 def resources(spec: StudySpec) -> str:
-    return "1 CPU task per model"
+    return f"one task per model ({spec.decoding.worker()})"
 
 
 def shown(result: dict, stage_dir: Path) -> dict:
@@ -55,7 +55,7 @@ def run(ctx: StageContext) -> dict:
         target = (cell["name"], cell.get("seed", spec.seed))
         targets[target] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
         replicates.setdefault((cell["model"], cell["task"], cell["p"]), []).append(target)
-    task = ray.remote(evaluate_model).options(num_cpus=1)
+    task = ray.remote(evaluate_model).options(**spec.decoding.ray_options())
     refs = {task.remote(path, data_dir, tasks, spec.decode_cfg(), 1): target
             for target, (path, tasks) in targets.items()}
     results = dict(wait_all(ctx, refs, "models evaluated"))

@@ -83,7 +83,7 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
 
     if len(cells) != len(ctx.spec.tune.tasks):
         return None
-    task = ray.remote(evaluate_model).options(num_cpus=1)
+    task = ray.remote(evaluate_model).options(**ctx.spec.decoding.ray_options())
     results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.decode_cfg(), 1,
                                    split=split) for name, path in cells.items()])
     from jobs.metrics import judge_warnings

@@ -196,9 +196,12 @@ def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override 
                       f"bf16 {t['bf16']}, offload {t['offload']}, LoRA {t['lora']}")
         console.print(f"memory per worker: {mem['total']:.2f} GiB = model states {mem['model_states']:.2f} "
                       f"+ activations {mem['activations']:.2f}")
+        d = p["decoding"]
+        where = f"{d['gpus_per_worker']:g} GPU" if d["gpus_per_worker"] else "CPU"
+        console.print(f"decoding: {d['engine']} on {where} per process, {d['memory_per_worker_gib']:.2f} GiB each "
+                      f"(fp32 weights + KV cache)")
     if p["fits"] is False:
-        _fail(f"plan refused: {p['memory_per_worker_gib']['total']:.1f} GiB per GPU worker exceeds "
-              f"cluster.gpu_memory_gb ({p['gpu_memory_gb']:g} GB)")
+        _fail(f"plan refused: {'; '.join(p['over'])}: more than cluster.gpu_memory_gb ({p['gpu_memory_gb']:g} GB)")
 
 
 AddressOpt = typer.Option(None, "--address", envvar="SAFERAY_CLUSTER",

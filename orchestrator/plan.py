@@ -12,6 +12,11 @@ one) charges 18 bytes instead of 16, keeping fp32 gradients as well; `tests/test
 checks the two agree within 20% for Llama-2-7B on 8 GPUs. Activations are a rough extra:
 34·s·b·h bytes per layer plus 5·a·s²·b for attention scores (Korthikanti et al., 2022, no
 recomputation), and the fp32 logits.
+
+A decoding process (a vulnerability actor, an evaluation task) holds the fp32 weights both
+engines load (4 bytes per parameter) and a KV cache: vLLM's `decoding.kv_cache_gb`, or hf's for
+one batch of `max_len` positions, 2 tensors (K, V) × layers × KV heads × head size × 4 bytes per
+position per sequence.
 """
 
 from __future__ import annotations
@@ -62,9 +67,11 @@ def model_shape(spec: StudySpec) -> dict:
     if lora.enabled:
         trainable = sum(lora.r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
                         if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(mod, "in_features"))
+    heads = config.num_attention_heads
     return {"parameters": total, "largest_layer": largest, "trainable": trainable,
-            "hidden": config.hidden_size, "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads, "vocab": config.vocab_size}
+            "hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads, "vocab": config.vocab_size}
 
 
 def model_states_bytes(shape: dict, strategy: str, zero_stage: int, offload: str, workers: int, bf16: bool) -> int:
@@ -89,6 +96,16 @@ def activation_bytes(shape: dict, micro_batch: int, seq_len: int, bf16: bool) ->
     s, b, h, a, layers = seq_len, micro_batch, shape["hidden"], shape["heads"], shape["layers"]
     per_layer = 34 * s * b * h + 5 * a * s * s * b
     return int(per_layer * layers * (1 if bf16 else 2) + 4 * b * s * shape["vocab"])
+
+
+def decoding_bytes(shape: dict, spec: StudySpec) -> int:
+    """One decoding process's memory (module docstring)."""
+    weights = 4 * shape["parameters"]
+    if spec.decoding.engine == "vllm":
+        return weights + int(spec.decoding.kv_cache_gb * GIB)
+    batch = max(spec.evaluate.batch_size, spec.vulnerability.decode_batch_size)
+    per_position = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 4
+    return weights + per_position * batch * spec.model.tiny.max_len
 
 
 def stage_resources(spec: StudySpec) -> dict[str, str]:
@@ -125,6 +142,19 @@ def make_plan(spec: StudySpec, store) -> dict:
                                   "total": (states + acts) / GIB},
         "gpu_memory_gb": spec.cluster.gpu_memory_gb,
     }
+    d = spec.decoding
+    decoding = decoding_bytes(shape, spec)
+    # Processes that share a GPU (gpus_per_worker < 1) share its memory; one process uses one GPU.
+    per_gpu = decoding * max(1.0, 1 / d.gpus_per_worker) if d.gpus_per_worker else None
+    out["decoding"] = {"engine": d.engine, "gpus_per_worker": d.gpus_per_worker,
+                       "memory_per_worker_gib": decoding / GIB,
+                       "memory_per_gpu_gib": None if per_gpu is None else per_gpu / GIB}
     limit = spec.cluster.gpu_memory_gb
-    out["fits"] = None if limit is None or not a.use_gpu else (states + acts) / 1e9 <= limit
+    over = []
+    if limit is not None and a.use_gpu and (states + acts) / 1e9 > limit:
+        over.append(f"training needs {(states + acts) / GIB:.1f} GiB per GPU worker")
+    if limit is not None and per_gpu is not None and per_gpu / 1e9 > limit:
+        over.append(f"decoding needs {per_gpu / GIB:.1f} GiB per GPU")
+    out["fits"] = None if limit is None or not (a.use_gpu or per_gpu) else not over
+    out["over"] = over
     return out

@@ -1,7 +1,9 @@
-"""Nothing is lost when a process dies: a Ray Train worker killed by PID mid-training, and the
-study's driver killed mid-study, both through the real CLI."""
+"""Nothing is lost when a process dies: a Ray Train worker killed by PID mid-training, the
+study's driver killed mid-study, and Ctrl-C mid-study, all through the real CLI."""
 
 import json
+import os
+import signal
 
 import psutil
 import pytest
@@ -79,3 +81,43 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent run"
     assert sorted(r.info.run_name for r in stage_runs) == sorted(s["name"] for s in state["stages"])
     assert {r.info.status for r in stage_runs} == {"FINISHED"}
+
+
+def finished_stamps(store, study) -> dict:
+    done = {r["name"]: r["key"] for r in json.loads((store / "studies" / study / "state.json").read_text())["stages"]
+            if r["status"] == "complete"}
+    return {n: (store / "studies" / study / "stages" / n / k / "result.json").stat().st_mtime_ns for n, k in done.items()}
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue 17): Ctrl-C during a Ray Train stage exits 1 with the stage "
+                                       "recorded as failed, not 130 with 'interrupted'; remove this mark with the fix")
+def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
+    store = tmp_path / "store"
+    args = ("--set", "study=ctrl-c", *SFT_ONLY)
+    proc = start(store, *args)
+    try:
+        wait_for(lambda: (stage_row(store, "ctrl-c", "align_sft") or {}).get("status") == "running",
+                 what="align_sft running")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the foreground group
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted; finished stages are kept, `saferay run` again resumes" in " ".join(out.split())
+    # Nothing it started outlives it (Ray's workers included).
+    wait_for(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             timeout=60, what="the interrupted run's processes gone")
+    stamps = finished_stamps(store, "ctrl-c")
+    assert {"data", "base"} <= set(stamps) and "align_sft" not in stamps
+    saferay("run", str(SMOKE), *args, store=store)
+    state = json.loads((store / "studies/ctrl-c/state.json").read_text())
+    assert state["status"] == "complete"
+    after = finished_stamps(store, "ctrl-c")
+    assert {n: after[n] for n in stamps} == stamps, "finished stages were recomputed"
+    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent run"
+    stage_runs = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["run_id"]]
+    assert sorted(stage_runs) == sorted(s["name"] for s in state["stages"]), "one MLflow run per stage"

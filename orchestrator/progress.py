@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-SYMBOLS = {"pending": "·", "running": "▶", "complete": "✓", "cached": "≡", "failed": "✗"}
+SYMBOLS = {"pending": "·", "running": "▶", "complete": "✓", "cached": "≡", "failed": "✗", "interrupted": "✗"}
 
 
 class ProgressBoard:

@@ -67,8 +67,8 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
 
 
 def _unfinished(prev: dict | None, spec: StudySpec, tracker: Tracker) -> bool:
-    """An earlier execution of this same spec that did not finish (failed, killed, stopped)."""
-    return (prev is not None and prev["status"] in ("running", "failed") and prev["spec"] == spec_dict(spec)
+    """An earlier execution of this same spec that did not finish (failed, interrupted, killed, stopped)."""
+    return (prev is not None and prev["status"] in ("running", "failed", "interrupted") and prev["spec"] == spec_dict(spec)
             and prev["mlflow"]["tracking_uri"] == tracker.uri and prev["mlflow"]["experiment_id"] == tracker.experiment_id)
 
 
@@ -144,13 +144,15 @@ def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console
                     result["seconds"] = time.perf_counter() - t0
                     write_json(out / "result.json", result)
             except BaseException as e:
-                row.update(status="failed", seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
-                state["status"] = "failed"
+                interrupted = isinstance(e, KeyboardInterrupt)
+                status = "interrupted" if interrupted else "failed"
+                row.update(status=status, seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+                state["status"] = status
                 store.save_state(state)
-                progress.set(stage.name, "failed", detail=str(e).splitlines()[0][:120] if str(e) else "")
+                progress.set(stage.name, status, detail=str(e).splitlines()[0][:120] if str(e) else "")
                 tracker.client.set_tag(run_id, "saferay.error", row["error"][:5000])
-                tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-                tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                tracker.end_run(run_id, "KILLED" if interrupted else "FAILED")
+                tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
                 log.debug("stage %s failed:\n%s", stage.name, traceback.format_exc())
                 raise
             tracker.log_metrics(run_id, result)

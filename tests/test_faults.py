@@ -89,11 +89,9 @@ def finished_stamps(store, study) -> dict:
     return {n: (store / "studies" / study / "stages" / n / k / "result.json").stat().st_mtime_ns for n, k in done.items()}
 
 
-@pytest.mark.xfail(strict=False, reason="known bug (issue 17): Ctrl-C during a Ray Train stage exits 1 with the stage "
-                                       "recorded as failed, not 130 with 'interrupted' (where the signal lands may vary, so not strict); remove this mark with the fix")
 def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
     store = tmp_path / "store"
-    args = ("--set", "study=ctrl-c", *SFT_ONLY)
+    args = ("--set", "study=ctrl-c", *SFT_ONLY, "--until", "align_sft")  # the stage it interrupts is the last
     proc = start(store, *args)
     try:
         wait_for(lambda: (stage_row(store, "ctrl-c", "align_sft") or {}).get("status") == "running",
@@ -109,15 +107,17 @@ def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
     # Nothing it started outlives it (Ray's workers included).
     wait_for(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
              timeout=60, what="the interrupted run's processes gone")
+    assert stage_row(store, "ctrl-c", "align_sft")["status"] == "interrupted"
     stamps = finished_stamps(store, "ctrl-c")
     assert {"data", "base"} <= set(stamps) and "align_sft" not in stamps
     saferay("run", str(SMOKE), *args, store=store)
     state = json.loads((store / "studies/ctrl-c/state.json").read_text())
-    assert state["status"] == "complete"
+    assert state["status"] == "partial" and stage_row(store, "ctrl-c", "align_sft")["status"] == "complete"
     after = finished_stamps(store, "ctrl-c")
     assert {n: after[n] for n in stamps} == stamps, "finished stages were recomputed"
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent run"
     stage_runs = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["run_id"]]
-    assert sorted(stage_runs) == sorted(s["name"] for s in state["stages"]), "one MLflow run per stage"
+    ran = [s["name"] for s in state["stages"] if s["status"] == "complete"]
+    assert sorted(stage_runs) == sorted(ran), "one MLflow run per stage"

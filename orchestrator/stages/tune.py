@@ -9,6 +9,7 @@ once per trial id, so a resumed sweep adds none twice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -166,6 +167,10 @@ def run(ctx: StageContext) -> dict:
                            # Tune's own trial table would interleave with the study's progress view.
                            run_config=tune.RunConfig(name=name, storage_path=str(ctx.ray_storage), verbose=0))
     ctx.progress(f"sweep: {t.search} search, {t.max_concurrent_trials} trials at a time")
+    # Tune's own SIGINT handler ends the sweep early and returns normally, which would record a partial
+    # sweep as complete; without it a Ctrl-C interrupts the study as in every other stage, and the
+    # next `saferay run` restores the sweep.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     grid = tuner.fit()
     rows = []
     for r in grid:

@@ -74,7 +74,14 @@ def _unfinished(prev: dict | None, spec: StudySpec, tracker: Tracker) -> bool:
 
 def run_study(spec: StudySpec, store: StudyStore, verbose: bool = False, console=None, after_ray_start=None,
               until: str | None = None) -> dict:
-    """Run (or resume) the study; with `until`, stop after that stage (the rest stay pending)."""
+    """Run (or resume) the study; with `until`, stop after that stage (the rest stay pending).
+    Raises StudyBusy, touching nothing, while another process runs the same study."""
+    with store.running():
+        return _run_study(spec, store, verbose, console, after_ray_start, until)
+
+
+def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after_ray_start,
+               until: str | None) -> dict:
     steps = plan(spec)
     last = next(i for i, (s, _) in enumerate(steps) if s.name == until) if until else len(steps) - 1
     tracker = open_tracker(spec, store)

@@ -3,6 +3,7 @@
     <root>/studies/<study>/stages/<stage>/<key>/      a finished stage (result.json inside)
     <root>/studies/<study>/stages/<stage>/.partial-*  a stage being built (never read)
     <root>/studies/<study>/state.json                 the latest execution, for `saferay show`
+    <root>/studies/<study>/run.lock                   held (flock) by the one process running it
     <root>/mlflow.db, <root>/mlartifacts/             the embedded MLflow store
 
 Stage keys ignore the study's name, so a study whose `data` or `base` key another study of the
@@ -14,13 +15,17 @@ their study (no MLflow run ids) are shared.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
+
+from jobs.records import InputError
 
 DEFAULT_ROOT = ".saferay"
 SHARED_STAGES = ("data", "base")
@@ -41,6 +46,10 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+class StudyBusy(InputError):
+    """The study is being run by another process (the CLI exits 2; nothing of it is touched)."""
 
 
 class StudyStore:
@@ -116,6 +125,29 @@ class StudyStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    @contextlib.contextmanager
+    def running(self):
+        """Held while this study runs: a second `saferay run` of the same study into the same
+        store (another terminal, a submitted copy) would compute the same stages and overwrite
+        state.json under the first. The lock is the kernel's (flock), so a killed run releases it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "run.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise StudyBusy(f"study '{self.study}' is already running in {self.root} ({holder}); "
+                                f"wait for it, or stop it, then run again") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def load_state(self) -> dict | None:
         return json.loads(self.state_path.read_text()) if self.state_path.exists() else None

@@ -1,5 +1,6 @@
 """Nothing is lost when a process dies: a Ray Train worker killed by PID mid-training, the
-study's driver killed mid-study, and Ctrl-C mid-study, all through the real CLI."""
+study's driver killed mid-study, and Ctrl-C mid-study, all through the real CLI; and a second run
+of a study that is running is refused."""
 
 import json
 import os
@@ -121,3 +122,29 @@ def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
     stage_runs = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["run_id"]]
     ran = [s["name"] for s in state["stages"] if s["status"] == "complete"]
     assert sorted(stage_runs) == sorted(ran), "one MLflow run per stage"
+
+
+def test_a_second_run_of_a_running_study_exits_2_and_disturbs_nothing(tmp_path):
+    """Two `saferay run` of one study into one store (another terminal, a submitted copy) would
+    compute the same stages and overwrite each other's state: the second is refused."""
+    store = tmp_path / "store"
+    args = ("--set", "study=busy", *SFT_ONLY, "--until", "base")
+    first = start(store, *args)
+    try:
+        wait_for(lambda: (stage_row(store, "busy", "data") or {}).get("status") == "running", what="data running")
+        owner = json.loads((store / "studies/busy/state.json").read_text())["mlflow"]["run_id"]
+        second = saferay("run", str(SMOKE), *args, store=store, check=False, timeout=300)
+        assert first.poll() is None, "the first run should still be running when the second is refused"
+        out, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            kill_all(first)
+    said = " ".join((second.stdout + second.stderr).split())
+    assert second.returncode == 2, said[-3000:]
+    assert f"study 'busy' is already running in {store} (pid {first.pid} on" in said, said[-3000:]
+    assert first.returncode == 0, out[-3000:]
+    state = json.loads((store / "studies/busy/state.json").read_text())
+    assert state["status"] == "partial" and state["mlflow"]["run_id"] == owner and not state.get("resumes")
+    client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
+    runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [owner], "one parent run"

@@ -62,7 +62,7 @@ def _stop(proc: subprocess.Popen, marker: str) -> None:
 class RayHead:
     """`ray start --head --block` on 127.0.0.1; `address` is its Jobs API (dashboard) URL."""
 
-    def __init__(self, num_cpus: int = 4):
+    def __init__(self, num_cpus: int = 4, env: dict | None = None):
         # Unix socket paths are short-limited: keep the temp dir near the root.
         self.temp_dir = tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp")
         self.dashboard_port = free_port()
@@ -75,7 +75,7 @@ class RayHead:
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", str(num_cpus),
                "--temp-dir", self.temp_dir, *[str(x) for kv in ports.items() for x in kv]]
         # Job drivers run `python`: the cluster's Python is this virtual environment's.
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
@@ -90,13 +90,15 @@ class RayHead:
 class TrackingServer:
     """`saferay tracking-server` (MLflow, SQLite backend) on 127.0.0.1 and a free port."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, env: dict | None = None):
         self.port = free_port()
         self.root = Path(root)
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "orchestrator.cli", "tracking-server", "--store", str(root), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.log = self.root / "server.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})},
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", proc=self.proc)
 
     def stop(self) -> None:

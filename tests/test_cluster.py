@@ -1,7 +1,10 @@
 """Submission to a real Ray head (`ray start --head` on 127.0.0.1) through the Jobs API, with the
-study tracked on a real MLflow server read back through its REST API."""
+study tracked on a real MLflow server read back through its REST API. Tokens are set where a
+cluster user has them (the submitting shell, the cluster's nodes, the tracking server) and must
+reach none of the job's logs, Ray's own logs, the runs, the artifacts or the store."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +15,7 @@ import pytest
 
 from conftest import ROOT, SMOKE, saferay
 from servers import RayHead, TrackingServer
+from test_security import SECRETS
 
 pytestmark = pytest.mark.slow
 # The smallest study that still trains, attacks and evaluates on the cluster.
@@ -21,21 +25,30 @@ TINY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "-
 
 @pytest.fixture(scope="module")
 def head():
-    h = RayHead()
+    h = RayHead(env=SECRETS)  # the job's driver and workers have them, as on a cluster that needs them
     yield h
     h.stop()
 
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    server = TrackingServer(tmp_path_factory.mktemp("tracking"))
+    server = TrackingServer(tmp_path_factory.mktemp("tracking"), env=SECRETS)
     yield server
     server.stop()
 
 
 def cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **SECRETS})
+
+
+def texts_under(root) -> list[str]:
+    """Every file under `root`, as text (databases and weights included: a secret is bytes in them
+    too), except the unpacked working dirs Ray keeps in runtime_resources: the project's own code,
+    which has these tests and so the fake tokens."""
+    return [open(os.path.join(d, f), "rb").read().decode("utf-8", "replace")
+            for d, _, files in os.walk(root) if "runtime_resources" not in d
+            for f in files if os.path.isfile(os.path.join(d, f))]
 
 
 def job_id(out: str) -> str:
@@ -70,6 +83,18 @@ def test_submit_follow_logs_and_read_runs_over_rest(head, tracking, tmp_path):
     artifacts = rest(tracking.url, f"artifacts/list?run_id={parent['info']['run_id']}")
     assert "summary.json" in {f["path"] for f in artifacts.get("files", [])}
     assert "evaluate" in cli("logs", job, "--address", head.address).stdout
+
+    # No token in what the user sees, the job's and Ray's logs (the head's session: driver, workers,
+    # job supervisor, raylet), the tracking server's database, artifacts and log, or the store.
+    seen = [sub.stdout, sub.stderr, follow.stdout, follow.stderr, json.dumps(runs), json.dumps(status),
+            *texts_under(head.temp_dir), *texts_under(tracking.root), *texts_under(store)]
+    ray_logs = [f for _, _, files in os.walk(head.temp_dir) for f in files]
+    assert any(f.startswith("worker-") for f in ray_logs) and any(f.startswith("job-driver-") for f in ray_logs), (
+        "the search should have had Ray's worker and job driver logs", sorted(ray_logs)[:40])
+    assert len(seen) > 200, ("the search should have had plenty to look through", len(seen))
+    text = "\n".join(seen)
+    for name, secret in SECRETS.items():
+        assert secret not in text, f"{name} leaked"
 
 
 def test_stop_a_running_study(head, tmp_path):

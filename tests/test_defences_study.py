@@ -14,8 +14,9 @@ DEFENCES = ["vaccine", "booster", "repnoise"]
 MODELS = ["sft", *DEFENCES, "sft+lisa"]
 
 
-def test_every_defence_gets_a_row_in_the_attack_table(tmp_path):
-    store = tmp_path / "store"
+def test_every_defence_gets_a_row_in_the_attack_table(smoke_store):
+    # In the smoke study's store, whose data and base it adopts (same keys): only its own stages train.
+    store = smoke_store
     # studies/defences-smoke.yaml with one seed and one ratio: every row, the least training.
     saferay("run", str(ROOT / "studies" / "defences-smoke.yaml"), "--set", "seeds=[0]", "--set", "attack.ratios=[0.1]",
             store=store, timeout=1500)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from orchestrator.spec import StudySpec
 from orchestrator.stage import StageContext, scaling, train_summary, training_shown
-from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
+from orchestrator.stages.align_sft import AlignmentRun, alignment_frame, fit_alignments, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
 NAME = "align_defences"
@@ -52,18 +52,20 @@ def run(ctx: StageContext) -> dict:
     harmful = (defence_harmful(data_dir, spec.defences.harmful_rows).assign(stream="harmful")
                if any(d in USES_HARMFUL for d in spec.defences.train) else None)
     train = spec.align_sft.model_dump()
-    trained = {}
-    for i, name in enumerate(spec.defences.train):
-        knobs = getattr(spec.defences, name).model_dump()
+    runs = []
+    for name in spec.defences.train:
         for k, seed in enumerate(spec.replicates):
             rows = alignment_frame(data_dir, spec, seed=seed)
             if name in USES_HARMFUL:
                 rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
-            ctx.progress(f"{name} ({i + 1}/{len(spec.defences.train)})"
-                         + (f", seed {seed} ({k + 1}/{len(spec.replicates)})" if len(spec.replicates) > 1 else ""))
-            path = replicate_path(name, seed, k == 0)
-            history = fit_alignment(ctx, replicate_name(name, seed, spec), rows, ctx.out / path, seed, train,
-                                    step=name, step_config=knobs)
+            runs.append(AlignmentRun(replicate_name(name, seed, spec), rows, ctx.out / replicate_path(name, seed, k == 0),
+                                     seed, train, step=name, step_config=getattr(spec.defences, name).model_dump()))
+    histories = iter(fit_alignments(ctx, NAME, runs))
+    trained = {}
+    for name in spec.defences.train:
+        knobs = getattr(spec.defences, name).model_dump()
+        for k, seed in enumerate(spec.replicates):
+            history, path = next(histories), replicate_path(name, seed, k == 0)
             run_id = _track(ctx, name if k == 0 else f"{name}-s{seed}", knobs, history)
             if k == 0:
                 trained[name] = {"model": path, "run_id": run_id, **knobs, **train_summary(history),

@@ -4,7 +4,10 @@ over-aligned model)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from orchestrator.spec import StudySpec
 from orchestrator.stage import StageContext, model_dir, run_name, scaling, train_summary, training_shown
@@ -23,27 +26,47 @@ def alignment_frame(data_dir: Path, spec: StudySpec, lookalike: bool | None = No
                          spec.seed if seed is None else seed)
 
 
-def fit_alignment(ctx: StageContext, run: str, rows, out: Path, seed: int, train: dict, step: str = "sft",
-                  step_config: dict | None = None) -> dict:
-    """One alignment run (`train`: align_sft's section, or VAA's recipe over it) on `rows`, its
-    model exported to `out`.
+@dataclass
+class AlignmentRun:
+    """One alignment run of a stage: `train` is align_sft's section or a recipe over it (VAA, a
+    defence), `step` and `step_config` what the loop does per step; the model is exported to `out`."""
+    name: str
+    rows: pd.DataFrame
+    out: Path
+    seed: int
+    train: dict
+    step: str = "sft"
+    step_config: dict | None = None
 
-    The run's name carries the stage's key, so a restarted stage resumes it from its last epoch."""
-    from jobs.launch import fit, run_config, strategy_name
+
+def fit_alignments(ctx: StageContext, group: str, runs: list[AlignmentRun]) -> list[dict]:
+    """A stage's alignment runs (seeds, variants, defences), in turn on one Ray Train worker group
+    with align_sft's scaling; their histories, each with the loop's config.
+
+    The runs went one after another anyway; as one group they pay the worker group's start-up
+    (~20 s on 2 CPU cores) once, not once each. The group's name carries the stage's key, so a
+    restarted stage resumes the run it was in from its last epoch and keeps the ones before."""
+    from jobs.launch import fit_group, run_config, strategy_name
     from jobs.models import load_tokenizer
 
+    if not runs:
+        return []
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
-    rows_file = ctx.out / "rows" / f"{run}.parquet"
-    rows_file.parent.mkdir(parents=True, exist_ok=True)
-    rows.to_parquet(rows_file)
-    cfg = run_config(train, model_dir=model_dir(ctx.input_dir("base"), ctx.input_result("base")),
-                     tokenizer_dir=str(data_dir / "tokenizer"), data=str(rows_file), seed=seed,
-                     pad_id=load_tokenizer(data_dir / "tokenizer").pad_token_id, max_len=spec.model.tiny.max_len,
-                     out_dir=str(out), step=step, step_config=step_config)
-    ctx.progress(f"{run}: training on {cfg['num_workers']} Ray Train workers ({strategy_name(cfg)})")
-    history = fit(cfg, run_name(ctx, run), str(ctx.ray_storage))
-    return {**history, "config": cfg}
+    pad_id = load_tokenizer(data_dir / "tokenizer").pad_token_id
+    cfgs = []
+    for run in runs:
+        rows_file = ctx.out / "rows" / f"{run.name}.parquet"
+        rows_file.parent.mkdir(parents=True, exist_ok=True)
+        run.rows.to_parquet(rows_file)
+        cfgs.append(run_config(run.train, model_dir=model_dir(ctx.input_dir("base"), ctx.input_result("base")),
+                               tokenizer_dir=str(data_dir / "tokenizer"), data=str(rows_file), seed=run.seed,
+                               pad_id=pad_id, max_len=spec.model.tiny.max_len, out_dir=str(run.out), step=run.step,
+                               step_config=run.step_config))
+    ctx.progress(f"{', '.join(r.name for r in runs)}: training in turn on {cfgs[0]['num_workers']} Ray Train "
+                 f"workers ({strategy_name(cfgs[0])})")
+    histories = fit_group(cfgs, run_name(ctx, group), str(ctx.ray_storage))
+    return [{**history, "config": cfg} for history, cfg in zip(histories, cfgs)]
 
 
 def config(spec: StudySpec) -> dict:
@@ -72,26 +95,35 @@ def shown(result: dict, stage_dir: Path) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    spec = ctx.spec
+    runs = [sft_run(ctx, replicate_name("align_sft", seed, spec), ctx.out / replicate_path("", seed, i == 0), seed)
+            for i, seed in enumerate(spec.replicates)]
     replicates, first = {}, None
-    for i, seed in enumerate(ctx.spec.replicates):
-        path = replicate_path("", seed, i == 0)
-        result = train_sft(ctx, replicate_name("align_sft", seed, ctx.spec), ctx.out / path, seed=seed)
+    for i, (seed, run_, history) in enumerate(zip(spec.replicates, runs, fit_alignments(ctx, NAME, runs))):
+        result = sft_summary(run_, history)
         ctx.tracker.log_series(ctx.run_id, "train/loss" if i == 0 else f"train/loss_seed{seed}", result.pop("losses"))
-        replicates[str(seed)] = path
+        replicates[str(seed)] = replicate_path("", seed, i == 0)
         first = first or result
     return {"model": "model", "replicates": replicates, **first}
 
 
-def train_sft(ctx: StageContext, run: str, out: Path, epochs: int | None = None, lookalike: bool | None = None,
-              seed: int | None = None) -> dict:
-    """SFT of the base model on the alignment mix, exported to `out`; align_sft's recipe unless
-    `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage), from `seed`
-    (default: the study's seed)."""
+def sft_run(ctx: StageContext, name: str, out: Path, seed: int, epochs: int | None = None,
+            lookalike: bool | None = None) -> AlignmentRun:
+    """SFT of the base model on the alignment mix in `seed`'s order; align_sft's recipe unless
+    `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage)."""
+    train = ctx.spec.align_sft.model_dump()
+    return AlignmentRun(name, alignment_frame(ctx.input_dir("data"), ctx.spec, lookalike, seed), out, seed,
+                        {**train, "epochs": epochs or train["epochs"]})
+
+
+def sft_summary(run: AlignmentRun, history: dict) -> dict:
     from jobs.launch import strategy_name
 
-    seed = ctx.spec.seed if seed is None else seed
-    mix = alignment_frame(ctx.input_dir("data"), ctx.spec, lookalike, seed)
-    train = ctx.spec.align_sft.model_dump()
-    history = fit_alignment(ctx, run, mix, out, seed, {**train, "epochs": epochs or train["epochs"]})
-    return {"strategy": strategy_name(history["config"]), "rows": len(mix), "losses": history["loss"],
+    return {"strategy": strategy_name(history["config"]), "rows": len(run.rows), "losses": history["loss"],
             "resumed_from_epoch": history["start_epoch"], **train_summary(history)}
+
+
+def train_sft(ctx: StageContext, name: str, out: Path, epochs: int | None = None, lookalike: bool | None = None) -> dict:
+    """One SFT run of the study's seed on a worker group of its own (the debias stage's over-aligned model)."""
+    run = sft_run(ctx, name, out, ctx.spec.seed, epochs, lookalike)
+    return sft_summary(run, fit_alignments(ctx, name, [run])[0])

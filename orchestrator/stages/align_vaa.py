@@ -7,7 +7,7 @@ from pathlib import Path
 
 from orchestrator.spec import StudySpec
 from orchestrator.stage import TRAIN_KEYS, StageContext, scaling, train_summary
-from orchestrator.stages.align_sft import alignment_frame, fit_alignment, replicate_name, replicate_path
+from orchestrator.stages.align_sft import AlignmentRun, alignment_frame, fit_alignments, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
 NAME = "align_vaa"
@@ -63,22 +63,24 @@ def run(ctx: StageContext) -> dict:
                              " (change vulnerability.threshold or align_sft.batch_size)")
     vulnerable_ids = set(mix.loc[is_vulnerable, "id"])
     train = recipe(vaa.model_dump(mode="json"), spec.align_sft.model_dump())
-    variants = {}
-    for i, variant in enumerate(vaa.variants):
-        mode = SAMPLER_MODES[variant]
-        knobs = step_config(vaa.model_dump(mode="json"), mode, sizes["vulnerable"], len(mix))
+    runs, knobs = [], {}
+    for variant in vaa.variants:
+        knobs[variant] = step_config(vaa.model_dump(mode="json"), SAMPLER_MODES[variant], sizes["vulnerable"], len(mix))
         for k, seed in enumerate(spec.replicates):  # the groups are the study's; order and draws are the seed's
             order = alignment_frame(data_dir, spec, seed=seed)
             rows = order.assign(group=["vulnerable" if x in vulnerable_ids else "invulnerable" for x in order["id"]])
-            ctx.progress(f"{variant} ({i + 1}/{len(vaa.variants)})"
-                         + (f", seed {seed} ({k + 1}/{len(spec.replicates)})" if len(spec.replicates) > 1 else ""))
-            path = replicate_path(variant, seed, k == 0)
-            history = fit_alignment(ctx, replicate_name(variant, seed, spec), rows, ctx.out / path, seed,
-                                    train, step="vaa", step_config=knobs)
+            runs.append(AlignmentRun(replicate_name(variant, seed, spec), rows, ctx.out / replicate_path(variant, seed, k == 0),
+                                     seed, train, step="vaa", step_config=knobs[variant]))
+    histories = iter(fit_alignments(ctx, NAME, runs))
+    variants = {}
+    for variant in vaa.variants:
+        for k, seed in enumerate(spec.replicates):
+            history, path = next(histories), replicate_path(variant, seed, k == 0)
             run_id = _track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", history)
             if k == 0:
                 variants[variant] = {
-                    "model": path, "mode": mode, "run_id": run_id, "q0": knobs["q0"], "q_final": history["q"][-1],
+                    "model": path, "mode": SAMPLER_MODES[variant], "run_id": run_id, "q0": knobs[variant]["q0"],
+                    "q_final": history["q"][-1],
                     "perturbed_fraction": sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
                     "vulnerable_draw_fraction": sum(history["group"]) / len(history["group"]),
                     **train_summary(history), "replicates": {}}

@@ -13,14 +13,14 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, SMOKE, saferay
+from conftest import ROOT, SMOKE, saferay, seeded_store
 from servers import RayHead, TrackingServer
 from test_security import SECRETS
 
 pytestmark = pytest.mark.slow
 # The smallest study that still trains, attacks and evaluates on the cluster.
 TINY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
-        "--set", "debias.enabled=false", "--set", "base.epochs=2", "--set", "attack.ratios=[0.1]", "--set", "seeds=[0]")
+        "--set", "debias.enabled=false", "--set", "attack.ratios=[0.1]", "--set", "seeds=[0]")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=30).read())
 
 
-def test_submit_follow_logs_and_read_runs_over_rest(head, tracking, tmp_path):
-    store = tmp_path / "store"
+def test_submit_follow_logs_and_read_runs_over_rest(head, tracking, smoke_store, tmp_path):
+    store = seeded_store(smoke_store, tmp_path / "store")  # data and base adopted: the job trains from align_sft on
     sub = cli("submit", str(SMOKE), "--address", head.address, "--store", str(store), "--set", "study=on-cluster",
               "--set", f"tracking.uri={tracking.url}", *TINY)
     assert sub.returncode == 0, sub.stderr

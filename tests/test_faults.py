@@ -10,7 +10,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SMOKE, saferay
+from conftest import SMOKE, saferay, seeded_store
 from procs import kill_all, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,8 @@ def registered_checkpoints(store, run_prefix) -> int:
     return len(json.loads(snapshots[0].read_text())["checkpoint_results"]) if snapshots else 0
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
-    store = tmp_path / "store"
+def test_killed_train_worker_resumes_from_its_checkpoint(smoke_store, tmp_path):
+    store = seeded_store(smoke_store, tmp_path / "store")
     # Small batches make epochs of a few seconds, so the kill lands mid-training.
     proc = start(store, "--set", "study=worker-kill", "--set", "align_sft.epochs=4", "--set", "align_sft.batch_size=2",
                  *SFT_ONLY)
@@ -57,8 +57,8 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path):
     assert result["steps"] == 4 * (result["rows"] // 2)
 
 
-def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
-    store = tmp_path / "store"
+def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(smoke_store, tmp_path):
+    store = seeded_store(smoke_store, tmp_path / "store")
     args = ("--set", "study=driver-kill", *SFT_ONLY)
     proc = start(store, *args)
     try:
@@ -67,7 +67,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     finally:
         kill_all(proc)  # the driver, its process group and the Ray daemons it started
     done = {r["name"]: r for r in json.loads((store / "studies/driver-kill/state.json").read_text())["stages"]
-            if r["status"] == "complete"}
+            if r["status"] in ("complete", "cached")}
     assert {"data", "base"} <= set(done)
     stamps = {n: (store / "studies/driver-kill/stages" / n / done[n]["key"] / "result.json").stat().st_mtime
               for n in done}
@@ -86,12 +86,12 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
 
 def finished_stamps(store, study) -> dict:
     done = {r["name"]: r["key"] for r in json.loads((store / "studies" / study / "state.json").read_text())["stages"]
-            if r["status"] == "complete"}
+            if r["status"] in ("complete", "cached")}
     return {n: (store / "studies" / study / "stages" / n / k / "result.json").stat().st_mtime_ns for n, k in done.items()}
 
 
-def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(tmp_path):
-    store = tmp_path / "store"
+def test_ctrl_c_stops_what_it_started_and_the_next_run_resumes(smoke_store, tmp_path):
+    store = seeded_store(smoke_store, tmp_path / "store")
     args = ("--set", "study=ctrl-c", *SFT_ONLY, "--until", "align_sft")  # the stage it interrupts is the last
     proc = start(store, *args)
     try:
@@ -128,7 +128,7 @@ def test_a_second_run_of_a_running_study_exits_2_and_disturbs_nothing(tmp_path):
     """Two `saferay run` of one study into one store (another terminal, a submitted copy) would
     compute the same stages and overwrite each other's state: the second is refused."""
     store = tmp_path / "store"
-    args = ("--set", "study=busy", *SFT_ONLY, "--until", "base")
+    args = ("--set", "study=busy", *SFT_ONLY, "--until", "data")
     first = start(store, *args)
     try:
         wait_for(lambda: (stage_row(store, "busy", "data") or {}).get("status") == "running", what="data running")

@@ -137,11 +137,12 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
             progress.set(stage.name, "running")
             row.update(status="running", seconds=None)
             store.save_state(state)
-            ensure_ray(spec, store, verbose, after_ray_start)
-            if progress.board is None:
-                progress.board = start_board()
             t0 = time.perf_counter()
-            try:
+            try:  # starting Ray is part of the first stage that computes: a Ctrl-C there interrupts it
+                ensure_ray(spec, store, verbose, after_ray_start)
+                if progress.board is None:
+                    progress.board = start_board()
+                t0 = time.perf_counter()  # a stage's seconds are its own, not Ray's start-up
                 with store.building(stage.name, key) as out:
                     ctx = StageContext(spec=spec, key=key, out=out, inputs=inputs, tracker=tracker, run_id=run_id,
                                        ray_storage=spec.cluster.storage_path or store.ray_storage,

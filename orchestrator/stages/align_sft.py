@@ -54,15 +54,15 @@ def fit_alignments(ctx: StageContext, group: str, runs: list[AlignmentRun]) -> l
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
     pad_id = load_tokenizer(data_dir / "tokenizer").pad_token_id
+    base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
     cfgs = []
     for run in runs:
         rows_file = ctx.out / "rows" / f"{run.name}.parquet"
         rows_file.parent.mkdir(parents=True, exist_ok=True)
         run.rows.to_parquet(rows_file)
-        cfgs.append(run_config(run.train, model_dir=model_dir(ctx.input_dir("base"), ctx.input_result("base")),
-                               tokenizer_dir=str(data_dir / "tokenizer"), data=str(rows_file), seed=run.seed,
-                               pad_id=pad_id, max_len=spec.model.tiny.max_len, out_dir=str(run.out), step=run.step,
-                               step_config=run.step_config))
+        cfgs.append(run_config(run.train, model_dir=base, tokenizer_dir=str(data_dir / "tokenizer"), data=str(rows_file),
+                               seed=run.seed, pad_id=pad_id, max_len=spec.model.tiny.max_len, out_dir=str(run.out),
+                               step=run.step, step_config=run.step_config))
     ctx.progress(f"{', '.join(r.name for r in runs)}: training in turn on {cfgs[0]['num_workers']} Ray Train "
                  f"workers ({strategy_name(cfgs[0])})")
     histories = fit_group(cfgs, run_name(ctx, group), str(ctx.ray_storage))

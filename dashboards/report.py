@@ -12,16 +12,19 @@ import json
 import tempfile
 from pathlib import Path
 
+from orchestrator.tracking import ui_url
+
 SECTIONS = ("stages", "contamination", "hs-fa-table", "hs-against-p", "pareto", "forgetting", "overlap", "hs-by-category",
             "tsdi")
 
 
 class Links:
-    def __init__(self, ui: str, experiment_id: str):
-        self.ui, self.experiment_id = ui.rstrip("/"), experiment_id
+    def __init__(self, ui: str, experiment_id: str, resolve=lambda run_id: run_id):
+        self.ui, self.experiment_id, self.resolve = ui.rstrip("/"), experiment_id, resolve
 
     def run(self, run_id: str | None) -> str | None:
-        return f"{self.ui}/#/experiments/{self.experiment_id}/runs/{run_id}" if run_id else None
+        run_id = self.resolve(run_id)  # a run started while the server was away has its MLflow id once sent
+        return ui_url(self.ui, self.experiment_id, run_id) if run_id else None
 
     def number(self, value: float | None, run_id: str | None, fmt: str = "{:.3f}") -> str:
         text = "–" if value is None else fmt.format(value)
@@ -64,11 +67,13 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
     from dashboards.plots import hs_by_category
-    from orchestrator.summary import summarize
+    from orchestrator.summary import computed_seconds, summarize
 
     summary = summarize(store)
     state = store.load_state()
-    links = Links(mlflow_ui, summary["mlflow"]["experiment_id"])
+    from orchestrator.runner import tracking_journal
+
+    links = Links(mlflow_ui, summary["mlflow"]["experiment_id"], tracking_journal(store).resolve)
     rows = {r["name"]: r for r in state["stages"]}
 
     def stage_dir(name):
@@ -83,10 +88,11 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
         return rows.get(name, {}).get("run_id")
 
     parts = [_section("stages", "Stages", _table(
-        ["stage", "key", "status", "seconds"],
+        ["stage", "key", "status", "seconds", "computed in (s)"],
         [[html.escape(r["name"]), links.number(None, None) if not r.get("run_id") else
           f'<a href="{html.escape(links.run(r["run_id"]))}">{r["key"]}</a>', html.escape(r["status"]),
-          "" if r.get("seconds") is None else f"{r['seconds']:.1f}"] for r in state["stages"]]))]
+          *("" if v is None else f"{v:.1f}" for v in (r.get("seconds"), computed_seconds(r)))]
+         for r in state["stages"]]))]
 
     leaked = summary.get("contamination")
     parts.append(_section("contamination", "Held-out prompts found in training corpora", _table(

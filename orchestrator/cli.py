@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,16 +95,30 @@ def validate(spec: Path, set_: list[str] = typer.Option([], "--set", help="Overr
     console.print_json(json.dumps(s.model_dump(mode="json")))
 
 
+def _mlflow_line(mlflow: dict) -> str:
+    """Where to see the study's runs: its tracking server, or `saferay ui` over the embedded store."""
+    from orchestrator.tracking import ui_url
+
+    server = mlflow["tracking_uri"]
+    if server.startswith(("http://", "https://")):
+        return f"MLflow: {ui_url(server, mlflow['experiment_id'])}"
+    return f"MLflow UI: saferay ui   → {ui_url('http://127.0.0.1:5000', mlflow['experiment_id'])}"
+
+
+def _check_until(until: str | None) -> None:
+    from orchestrator.stages import STAGES
+
+    if until and until not in [stage.name for stage in STAGES]:
+        _fail(f"--until: no stage '{until}' (stages: {', '.join(stage.name for stage in STAGES)})")
+
+
 @app.command()
 def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
         store: Optional[str] = StoreOpt, verbose: bool = typer.Option(False, "--verbose", "-v"),
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (e.g. align_sft)")):
     """Run a study on the embedded default (local Ray + local MLflow), resuming what is done."""
     s = _load(spec, set_)
-    from orchestrator.stages import STAGES
-
-    if until and until not in [stage.name for stage in STAGES]:
-        _fail(f"--until: no stage '{until}' (stages: {', '.join(stage.name for stage in STAGES)})")
+    _check_until(until)
     st = StudyStore(store_root(store), s.study)
     from orchestrator.preflight import preflight
     from orchestrator.runner import plan
@@ -133,7 +148,7 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
         _fail(f"{type(e).__name__}: {e}\n(full traceback in {log_file}; finished stages are kept)", 1)
     render(summary, console)
     console.print(f"summary: {st.dir / 'summary.json'}   (saferay show {s.study})")
-    console.print("MLflow UI: saferay ui   → http://127.0.0.1:5000")
+    console.print(_mlflow_line(summary["mlflow"]))
 
 
 @app.command()
@@ -226,12 +241,15 @@ def _cluster_call(fn, *args):
 @app.command()
 def submit(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
            address: Optional[str] = AddressOpt,
-           store: str = typer.Option("/tmp/saferay", "--store", help="Study store on the cluster (a shared path).")):
-    """Send a study to a Ray cluster through the Ray Jobs API; prints the study and job ids."""
+           store: str = typer.Option("/tmp/saferay", "--store", help="Study store on the cluster (a shared path)."),
+           until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (e.g. align_sft)")):
+    """Send a study to a Ray cluster through the Ray Jobs API; prints the study and job ids.
+    A study stopped or failed earlier resumes from its finished stages when submitted again."""
     from orchestrator import submit as jobs
 
     s = _load(spec, set_)
-    study, job_id = _cluster_call(jobs.submit, s, _address(address), store)
+    _check_until(until)
+    study, job_id = _cluster_call(jobs.submit, s, _address(address), store, until)
     console.print(f"study [bold]{study}[/]  job [bold]{job_id}[/]  (store on the cluster: {store})")
     console.print(f"follow it: saferay logs {job_id} -f --address {address}")
 
@@ -277,23 +295,42 @@ def tracking_server(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", po
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root.absolute() / 'server.db'}",
            "--artifacts-destination", str((root / "server-artifacts").absolute()),
            "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(serve_mlflow(cmd))
+
+
+def serve_mlflow(cmd: list[str]) -> int:
+    """Run an MLflow server until it exits. It runs in a process group of its own (it starts
+    uvicorn workers), and a SIGTERM, SIGHUP or Ctrl-C of saferay stops that whole group: a
+    SIGTERM used to stop saferay alone and leave the server and its worker running."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            start_new_session=True)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    code = proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # a worker its server did not take down with it
+        os.killpg(proc.pid, signal.SIGKILL)
+    return code
 
 
 @app.command()
 def ui(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", port: int = 5000):
     """Serve the MLflow UI over the embedded store (127.0.0.1 unless told otherwise)."""
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking import default_tracking_uri, ui_url
 
     root = store_root(store)
     if not (root / "mlflow.db").exists():
         _fail(f"no MLflow store in {root} yet: run a study first")
-    console.print(f"MLflow UI on http://{host}:{port}  (store {root})")
+    console.print(f"MLflow UI on {ui_url(f'http://{host}:{port}')}  (store {root})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_tracking_uri(root),
            "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(serve_mlflow(cmd))
 
 
 def main():

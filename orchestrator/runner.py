@@ -14,6 +14,7 @@ from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import STAGES, Stage, StageContext
 from orchestrator.store import StudyStore, stage_key, write_json
 from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.tracking_journal import Journal
 
 log = logging.getLogger("saferay")
 
@@ -35,7 +36,12 @@ def open_tracker(spec: StudySpec, store: StudyStore) -> Tracker:
     uri = tracking_uri(spec, store)
     # A tracking server keeps artifacts where it was told to; a local store keeps them beside it.
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    return Tracker(uri, spec.tracking.experiment or spec.study, store.root / "mlartifacts" if local else None)
+    return Tracker(uri, spec.tracking.experiment or spec.study, store.root / "mlartifacts" if local else None,
+                   tracking_journal(store))
+
+
+def tracking_journal(store: StudyStore) -> Journal:
+    return Journal(store.dir / "tracking-journal")
 
 
 def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=None) -> None:
@@ -85,7 +91,23 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
     steps = plan(spec)
     last = next(i for i, (s, _) in enumerate(steps) if s.name == until) if until else len(steps) - 1
     tracker = open_tracker(spec, store)
-    prev = store.load_state()
+
+    def notify(message: str) -> None:
+        log.warning(message)
+        if console is not None:
+            console.print(message, style="yellow", markup=False, highlight=False)
+
+    tracker.notify = notify
+
+    def record(run_id: str, result: dict) -> None:
+        tracker.log_metrics(run_id, result)
+        tracker.log_json(run_id, result, "result.json")
+        tracker.end_run(run_id)
+    tracker.reconnect()  # calls an earlier execution could not send
+    prev = resolve_runs(store.load_state(), tracker)
+
+    def save(state: dict) -> None:
+        store.save_state(resolve_runs(state, tracker))
     if _unfinished(prev, spec, tracker):
         # Resume into the same MLflow runs: finished stages keep theirs, the interrupted one
         # reopens its own, and the parent run continues (no duplicate runs).
@@ -95,8 +117,8 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                            for s, k in steps]
         state["status"] = "running"
         state["resumes"] = state.get("resumes", 0) + 1
-        tracker.client.update_run(parent, status="RUNNING")
-        tracker.client.set_tag(parent, "saferay.resumes", str(state["resumes"]))
+        tracker.reopen_run(parent)
+        tracker.set_tag(parent, "saferay.resumes", state["resumes"])
     else:
         parent = tracker.start_run(f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"saferay.study": spec.study, "saferay.host": socket.gethostname()})
@@ -104,39 +126,49 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
         state = {"study": spec.study, "status": "running", "started": time.time(), "spec": spec_dict(spec),
                  "stages": [{"name": s.name, "key": k, "status": "pending", "seconds": None} for s, k in steps],
                  "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": parent}}
-    store.save_state(state)
+    save(state)
     began = time.perf_counter()
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
         for (stage, key), row in zip(steps[:last + 1], state["stages"]):
+            tracker.reconnect()  # a server that stopped answering may be back
             inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
                       for n in stage.needs}
             if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
                 progress.set(stage.name, row["status"], seconds=row["seconds"])
                 continue
-            if row.get("run_id"):  # the stage an earlier execution was running when it stopped
+            resumed = bool(row.get("run_id"))
+            if resumed:  # the stage an earlier execution was running when it stopped
                 run_id = row["run_id"]
                 row.pop("error", None)
-                tracker.client.update_run(run_id, status="RUNNING")
+                tracker.reopen_run(run_id)
             else:
                 run_id = tracker.start_run(stage.name, parent=parent,
                                            tags={"saferay.stage": stage.name, "saferay.key": key})
                 row["run_id"] = run_id
                 tracker.log_params(run_id, stage.config(spec))
             adopted = store.adopt(stage.name, key)  # another study of this store computed it
+            if resumed and not adopted and store.is_complete(stage.name, key):
+                # It finished, and the execution that ran it stopped before recording it in MLflow.
+                result = store.result(stage.name, key)
+                record(run_id, result)
+                row.update(status="complete", seconds=result["seconds"])
+                progress.set(stage.name, "complete", seconds=result["seconds"])
+                save(state)
+                continue
             if store.is_complete(stage.name, key):
                 result = store.result(stage.name, key)
                 row.update(status="cached", seconds=0.0, computed_seconds=result.get("seconds"))
-                tracker.client.set_tag(run_id, "saferay.cached", "true")
+                tracker.set_tag(run_id, "saferay.cached", "true")
                 if adopted:
                     row["from_study"] = adopted
-                    tracker.client.set_tag(run_id, "saferay.cached_from_study", adopted)
+                    tracker.set_tag(run_id, "saferay.cached_from_study", adopted)
                 tracker.end_run(run_id)
                 progress.set(stage.name, "cached", seconds=0.0)
-                store.save_state(state)
+                save(state)
                 continue
             progress.set(stage.name, "running")
             row.update(status="running", seconds=None)
-            store.save_state(state)
+            save(state)
             t0 = time.perf_counter()
             try:  # starting Ray is part of the first stage that computes: a Ctrl-C there interrupts it
                 ensure_ray(spec, store, verbose, after_ray_start)
@@ -156,23 +188,21 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                 status = "interrupted" if interrupted else "failed"
                 row.update(status=status, seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
                 state["status"] = status
-                store.save_state(state)
+                save(state)
                 progress.set(stage.name, status, detail=str(e).splitlines()[0][:120] if str(e) else "")
-                tracker.client.set_tag(run_id, "saferay.error", row["error"][:5000])
+                tracker.set_tag(run_id, "saferay.error", row["error"][:5000])
                 tracker.end_run(run_id, "KILLED" if interrupted else "FAILED")
                 tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
                 log.debug("stage %s failed:\n%s", stage.name, traceback.format_exc())
                 raise
-            tracker.log_metrics(run_id, result)
-            tracker.log_json(run_id, result, "result.json")
-            tracker.end_run(run_id)
+            record(run_id, result)
             row.update(status="complete", seconds=result["seconds"])
             progress.set(stage.name, "complete", seconds=result["seconds"])
-            store.save_state(state)
+            save(state)
     done = last == len(steps) - 1
     state.update(status="complete" if done else "partial", until=None if done else until,
                  seconds=time.perf_counter() - began)
-    store.save_state(state)
+    save(state)
     from orchestrator.summary import summarize
 
     summary = summarize(store)
@@ -180,7 +210,25 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
     tracker.log_metrics(parent, {"study_seconds": state["seconds"]})
     tracker.end_run(parent)
     write_json(store.dir / "summary.json", summary)
+    if not tracker.reconnect():
+        state["mlflow"]["unsent"] = tracker.journal.pending()
+        save(state)
+        notify(f"MLflow at {tracker.uri} still does not answer: {state['mlflow']['unsent']} tracking calls wait in "
+               f"{tracker.journal.dir}; the next `saferay run` of this study sends them (every stage's results "
+               "are in the store)")
+    elif state["mlflow"].pop("unsent", None) is not None:
+        save(state)
     return summary
+
+
+def resolve_runs(state: dict | None, tracker: Tracker) -> dict | None:
+    """The state with MLflow's ids for runs started while the server did not answer, once sent."""
+    if state is not None:
+        state["mlflow"]["run_id"] = tracker.resolve(state["mlflow"]["run_id"])
+        for row in state["stages"]:
+            if row.get("run_id"):
+                row["run_id"] = tracker.resolve(row["run_id"])
+    return state
 
 
 def state_key(state: dict, name: str) -> str:

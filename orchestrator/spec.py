@@ -261,8 +261,8 @@ class DefencesSpec(Strict):
 class AttackSpec(ManyRuns):
     # Which models are attacked: base, sft, any VAA variant the vaa section trains, any defence
     # defences.train trains, and any of these with "+lisa" (fine-tuned under Lisa).
-    models: list[str] = ["sft"]
-    tasks: list[Literal[TASK_NAMES]] = ["sentiment"]
+    models: list[str] = Field(["sft"], min_length=1)
+    tasks: list[Literal[TASK_NAMES]] = Field(["sentiment"], min_length=1)
     ratios: Ratios = [0.0, 0.1]
     n: int = Field(500, ge=1)
     epochs: int = Field(2, ge=1)

@@ -43,15 +43,17 @@ def client(address: str):
         raise InputError(f"cluster {address}: cannot reach the Ray Jobs API ({cause})") from None
 
 
-def submit(spec: StudySpec, address: str, store: str) -> tuple[str, str]:
-    """Send the study; returns (study, job id). `store` is a path on the cluster (shared storage)."""
+def submit(spec: StudySpec, address: str, store: str, until: str | None = None) -> tuple[str, str]:
+    """Send the study; returns (study, job id). `store` is a path on the cluster (shared storage);
+    `until`: the job stops after that stage, as `saferay run --until`."""
     c = client(address)
     resolved = spec_dict(spec)
     resolved["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
     staged = ROOT / SUBMIT_DIR / f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
     staged.parent.mkdir(exist_ok=True)
     staged.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    entrypoint = f"python -m orchestrator.cli run {SUBMIT_DIR}/{staged.name} --store {store}"
+    entrypoint = f"python -m orchestrator.cli run {SUBMIT_DIR}/{staged.name} --store {store}" + (
+        f" --until {until}" if until else "")
     job_id = c.submit_job(
         entrypoint=entrypoint,
         submission_id=f"saferay-{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}-{staged.stat().st_ino % 10000:04d}",

@@ -12,7 +12,8 @@ def summarize(store: StudyStore) -> dict:
     out = {
         "study": state["study"],
         "status": state["status"],
-        "stages": [{k: s.get(k) for k in ("name", "key", "status", "seconds")} for s in state["stages"]],
+        "stages": [{**{k: s.get(k) for k in ("name", "key", "status", "seconds")},
+                    "computed_seconds": computed_seconds(s)} for s in state["stages"]],
         "models": {},
         "attack": [],
         "mlflow": state["mlflow"],
@@ -37,14 +38,23 @@ def _with_ci(value, ci, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
+def computed_seconds(row: dict) -> float | None:
+    """What a stage cost when it was computed: by this execution, or (cached) by the one that did."""
+    return row.get("seconds") if row["status"] == "complete" else row.get("computed_seconds")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def render(summary: dict, console) -> None:
     from rich.table import Table
 
     stages = Table(title=f"study {summary['study']} — {summary['status']}", box=None)
-    for col in ("stage", "key", "status", "seconds"):
+    for col in ("stage", "key", "status", "seconds", "computed in"):
         stages.add_column(col)
     for s in summary["stages"]:
-        stages.add_row(s["name"], s["key"], s["status"], f"{s['seconds']:.1f}" if s["seconds"] is not None else "")
+        stages.add_row(s["name"], s["key"], s["status"], _seconds(s["seconds"]), _seconds(s.get("computed_seconds")))
     console.print(stages)
     if summary["models"]:
         models = Table(title=f"models (judge: {summary.get('judge')})", box=None)

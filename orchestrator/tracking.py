@@ -2,6 +2,10 @@
 
 Everything is logged from the driver through `MlflowClient` with explicit run ids, so
 nesting never depends on an "active run" and jobs stay free of tracking code.
+
+A tracking server that stops answering mid-study does not stop the study: from the failed call
+on, every call is written to the study's journal (`tracking_journal.py`) and sent when the server
+answers again, at the next stage boundary or the next `saferay run`.
 """
 
 from __future__ import annotations
@@ -9,16 +13,31 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import re
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from orchestrator.spec import flatten
+from orchestrator.tracking_journal import Journal
 
 PARENT_TAG = "mlflow.parentRunId"
+# A study's experiment is model training, and says so. MLflow 3.17's UI still opens every
+# experiment on its GenAI overview ("Traces: 0") until the user flips its "Model training" switch:
+# the view follows the `workflowType` of the link (or the switch), not this tag, so every link
+# saferay prints carries it (`ui_url`).
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def ui_url(ui: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens on runs (the model-training view), not on traces."""
+    page = "/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{ui.rstrip('/')}/#{page}?workflowType=machine_learning"
 MAX_PARAM_CHARS = 6000
 BATCH = 900  # log_batch accepts at most 1000 entries per call
+log = logging.getLogger("saferay")
 
 
 def metric_key(name: str) -> str:
@@ -47,7 +66,21 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).absolute() / 'mlflow.db'}"
 
 
-class Tracker:
+# How MLflow's REST client reports a server it could not reach (after its own retries), as
+# opposed to a request the server refused (a bug here, which must still raise).
+_UNREACHABLE = re.compile(r"API request to \S+ failed with (exception|timeout exception|error code 5\d\d)")
+
+
+def unreachable(e: BaseException) -> bool:
+    import requests
+
+    return isinstance(e, requests.exceptions.ConnectionError) or bool(_UNREACHABLE.search(str(e)))
+
+
+class MlflowWriter:
+    """The calls a study makes, each on explicit run ids; every argument is JSON (the journal
+    records them as they are)."""
+
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
         from mlflow.tracking import MlflowClient
 
@@ -57,9 +90,24 @@ class Tracker:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = (Path(artifact_root) / experiment).absolute().as_uri() if artifact_root else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags={KIND_TAG: MODEL_TRAINING})
             else:
                 self.experiment_id = found.experiment_id
+                if found.tags.get(KIND_TAG) != MODEL_TRAINING:
+                    self.client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_TRAINING)
+
+    def answers(self, timeout: float = 3.0) -> bool:
+        """Whether the tracking server is back (always, for a local store)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            urllib.request.urlopen(f"{self.uri.rstrip('/')}/health", timeout=timeout)
+            return True
+        except urllib.error.HTTPError:
+            return True  # it answers (an auth proxy may refuse /health)
+        except OSError:
+            return False
 
     def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -69,6 +117,12 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def reopen_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -80,23 +134,14 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
         from mlflow.entities import Metric
 
-        flat = {}
-        for k, v in flatten(metrics).items():
-            if "_ci" in k and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
-                flat[f"{k}_lo"], flat[f"{k}_hi"] = v
-            else:
-                flat[k] = v
-        items = [Metric(metric_key(k), float(v), 0, step) for k, v in flat.items() if _is_number(v)]
+        items = [Metric(metric_key(k), float(v), 0, step) for k, v in metrics.items()]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
-    def log_series(self, run_id: str, key: str, values: list[float], steps: list[int] | None = None) -> None:
-        """A curve over steps (loss), one metric entry per step (steps 0.. unless given)."""
+    def log_series(self, run_id: str, key: str, values: list[float], steps: list[int]) -> None:
         from mlflow.entities import Metric
 
-        steps = range(len(values)) if steps is None else steps
-        items = [Metric(metric_key(key), float(v), 0, step) for step, v in zip(steps, values, strict=True)
-                 if _is_number(v)]
+        items = [Metric(metric_key(key), float(v), 0, step) for step, v in zip(steps, values, strict=True)]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
@@ -106,24 +151,136 @@ class Tracker:
             path.write_text(json.dumps(obj, indent=2, default=str))
             self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
+    def log_table(self, run_id: str, table: dict, artifact_file: str) -> None:
+        import pandas as pd
+
+        self.client.log_table(run_id, data=pd.DataFrame(table["data"], columns=table["columns"]),
+                              artifact_file=artifact_file)
+
+    def log_dataset(self, run_id: str, dataset: dict, context: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset),
+                                                              tags=[InputTag("mlflow.data.context", context)])])
+
+    def log_file(self, run_id: str, path: str, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_dir)
+
+    def children(self, parent: str, tag: str) -> set[str]:
+        """The values of tag `tag` over the runs nested under `parent`."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent}'",
+                                       max_results=1000)
+        return {r.data.tags.get(tag) for r in runs}
+
+
+class Tracker:
+    """What stages and the runner call. Each call goes to MLflow; once the server has failed to
+    answer, calls go to the journal instead, until `reconnect` finds the server back and sends
+    them (in order, each once)."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None, journal: Journal):
+        self.writer = MlflowWriter(uri, experiment, artifact_root)
+        self.journal = journal
+        self.uri, self.experiment_id = uri, self.writer.experiment_id
+        self.offline = self.journal.pending() > 0  # an earlier execution left calls unsent
+        self.notify = log.warning  # how the user hears the server went away or came back
+
+    def reconnect(self) -> bool:
+        """Send what the journal holds if the server answers; True once nothing waits."""
+        if not self.offline:
+            return True
+        if not self.writer.answers():
+            return False
+        try:
+            self.journal.replay(self.writer)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            return False
+        self.offline = False
+        self.notify(f"MLflow at {self.uri} answers again: sent the tracking calls kept in {self.journal.dir}")
+        return True
+
+    def resolve(self, run_id: str | None) -> str | None:
+        """The MLflow id of a run started while the server was away, once it has been sent."""
+        return self.journal.resolve(run_id)
+
+    def _call(self, op: str, *args, files: tuple[str, ...] = ()):
+        if not self.offline:
+            try:
+                return getattr(self.writer, op)(*[self.resolve(a) if isinstance(a, str) else a for a in args])
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                self.offline = True
+                self.notify(f"MLflow at {self.uri} does not answer ({str(e)[:200]}); the study goes on and keeps "
+                            f"its tracking calls in {self.journal.dir} until the server is back")
+        return self.journal.append(op, list(args), files)
+
+    def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:
+        return self._call("start_run", name, parent, {k: str(v) for k, v in (tags or {}).items()})
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("end_run", run_id, status)
+
+    def reopen_run(self, run_id: str) -> None:
+        self._call("reopen_run", run_id)
+
+    def set_tag(self, run_id: str, key: str, value) -> None:
+        self._call("set_tag", run_id, key, str(value))
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        self._call("log_params", run_id, {k: str(v) for k, v in flatten(params).items()})
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        flat = {}
+        for k, v in flatten(metrics).items():
+            if "_ci" in k and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
+                flat[f"{k}_lo"], flat[f"{k}_hi"] = v
+            else:
+                flat[k] = v
+        self._call("log_metrics", run_id, {k: float(v) for k, v in flat.items() if _is_number(v)}, step)
+
+    def log_series(self, run_id: str, key: str, values: list[float], steps: list[int] | None = None) -> None:
+        """A curve over steps (loss), one metric entry per step (steps 0.. unless given)."""
+        steps = list(range(len(values))) if steps is None else list(steps)
+        kept = [(int(s), float(v)) for s, v in zip(steps, values, strict=True) if _is_number(v)]
+        self._call("log_series", run_id, key, [v for _, v in kept], [s for s, _ in kept])
+
+    def log_json(self, run_id: str, obj, artifact_file: str) -> None:
+        self._call("log_json", run_id, json.loads(json.dumps(obj, default=str)), artifact_file)
+
     def log_table(self, run_id: str, rows: list[dict], artifact_file: str) -> None:
         """A table as an MLflow table artifact (JSON, shown in the UI's artifact view)."""
         import pandas as pd
 
-        self.client.log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+        table = json.loads(pd.DataFrame(rows).to_json(orient="split", index=False, default_handler=str))
+        self._call("log_table", run_id, table, artifact_file)
 
     def log_dataset(self, run_id: str, rows: list[dict], name: str, source: str, context: str) -> None:
         """A dataset as a run input: schema, row count, digest and where it lives; not its rows."""
         import mlflow.data
         import pandas as pd
-        from mlflow.entities import DatasetInput, InputTag
 
-        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name)
-        entity = dataset._to_mlflow_entity()  # the client API takes the entity; no active run needed
-        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+        entity = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name)._to_mlflow_entity()
+        fields = {k: getattr(entity, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")}
+        self._call("log_dataset", run_id, fields, context)
 
     def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_dir)
+        self._call("log_file", run_id, str(path), artifact_dir, files=(str(path),))
+
+    def children(self, parent: str, tag: str) -> set[str]:
+        """Tag `tag` of each run nested under `parent`, sent or waiting in the journal."""
+        waiting = self.journal.children(parent, tag)
+        if self.offline:
+            return waiting
+        try:
+            return self.writer.children(self.resolve(parent), tag) | waiting
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            self.offline = True
+            return waiting
 
 
 def _is_number(v) -> bool:

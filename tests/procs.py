@@ -14,9 +14,9 @@ import psutil
 from conftest import ROOT
 
 
-def start_cli(*args) -> subprocess.Popen:
+def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def wait_for(predicate, timeout=300, what="condition"):

@@ -90,13 +90,14 @@ class RayHead:
 class TrackingServer:
     """`saferay tracking-server` (MLflow, SQLite backend) on 127.0.0.1 and a free port."""
 
-    def __init__(self, root: Path, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, root: Path, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()  # a given port: the same server back after a stop
         self.root = Path(root)
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "orchestrator.cli", "tracking-server", "--store", str(root), "--port", str(self.port)]
+        self.root.mkdir(parents=True, exist_ok=True)
         self.log = self.root / "server.log"
-        with open(self.log, "w") as log:
+        with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})},
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"{self.url}/health", proc=self.proc)

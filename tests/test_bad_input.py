@@ -56,6 +56,7 @@ CASES = {
     "unknown key": (lambda t: "study: bad\nattack: {tasks: [sentiment], ratio: [0.1]}\n", "attack.ratio: unknown key"),
     "wrong type": (lambda t: "study: bad\nseed: abc\n", "seed: Input should be a valid integer"),
     "out of range": (lambda t: "study: bad\nattack: {ratios: [0, 1.5]}\n", "attack.ratios[1]: must be between 0 and 1"),
+    "no model attacked": (lambda t: "study: bad\nattack: {models: []}\n", "attack.models: List should have at least 1 item"),
     "missing corpus file": (lambda t: files_spec(t, {**corpora(t), "harmful": str(t / "nope.jsonl")}),
                             "corpora.files.harmful: {t}/nope.jsonl: no such file"),
     "corrupt row": (lambda t: files_spec(t, corpora(t, "harmful", "corrupt")), "{t}/harmful.jsonl:3: not valid JSON"),

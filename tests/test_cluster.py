@@ -97,22 +97,34 @@ def test_submit_follow_logs_and_read_runs_over_rest(head, tracking, smoke_store,
         assert secret not in text, f"{name} leaked"
 
 
-def test_stop_a_running_study(head, tmp_path):
+def wait_job(head, job, timeout):
+    end = time.monotonic() + timeout
+    while (s := json.loads(cli("status", job, "--address", head.address, "--json").stdout)["status"]) not in (
+            "STOPPED", "FAILED", "SUCCEEDED") and time.monotonic() < end:
+        time.sleep(2)
+    return s
+
+
+def test_stop_a_running_study_then_submit_it_again_to_resume(head, tmp_path):
     store = tmp_path / "store"
-    sub = cli("submit", str(SMOKE), "--address", head.address, "--store", str(store), "--set", "study=stopped", *TINY)
-    job = job_id(sub.stdout)
+    args = (str(SMOKE), "--address", head.address, "--store", str(store), "--set", "study=stopped", *TINY,
+            "--until", "data")
+    job = job_id(cli("submit", *args).stdout)
     state = store / "studies" / "stopped" / "state.json"
     end = time.monotonic() + 180
     while not state.exists() and time.monotonic() < end:  # stop it mid-way, once a stage has begun
         time.sleep(1)
     assert state.exists(), cli("logs", job, "--address", head.address).stdout
     assert cli("stop", job, "--address", head.address).returncode == 0
-    end = time.monotonic() + 120
-    while (s := json.loads(cli("status", job, "--address", head.address, "--json").stdout)["status"]) not in (
-            "STOPPED", "FAILED", "SUCCEEDED") and time.monotonic() < end:
-        time.sleep(2)
-    assert s == "STOPPED"
-    assert json.loads(state.read_text())["status"] != "complete"
+    assert wait_job(head, job, 120) == "STOPPED"
+    stopped = json.loads(state.read_text())
+    assert stopped["status"] != "partial"
+    again = job_id(cli("submit", *args).stdout)
+    assert wait_job(head, again, 600) == "SUCCEEDED", cli("logs", again, "--address", head.address).stdout[-3000:]
+    resumed = json.loads(state.read_text())
+    assert resumed["status"] == "partial" and resumed["resumes"] == 1, "the same study, resumed"
+    assert resumed["mlflow"]["run_id"] == stopped["mlflow"]["run_id"], "into the stopped job's parent run"
+    assert [r["status"] for r in resumed["stages"][:1]] == ["complete"]
 
 
 def test_unreachable_cluster_exits_2(tmp_path):

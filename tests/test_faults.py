@@ -12,14 +12,15 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SMOKE, saferay, seeded_store
 from procs import kill_all, start_cli, wait_for
+from servers import TrackingServer
 
 pytestmark = pytest.mark.slow
 SFT_ONLY = ("--set", "vulnerability.enabled=false", "--set", "vaa.enabled=false", "--set", "attack.models=[sft]",
             "--set", "attack.ratios=[0.1]", "--set", "debias.enabled=false", "--set", "seeds=[0]")
 
 
-def start(store, *args):
-    return start_cli("run", str(SMOKE), *args, "--store", str(store))
+def start(store, *args, env=None):
+    return start_cli("run", str(SMOKE), *args, "--store", str(store), env=env)
 
 
 def stage_row(store, study, name):
@@ -148,3 +149,51 @@ def test_a_second_run_of_a_running_study_exits_2_and_disturbs_nothing(tmp_path):
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
     assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [owner], "one parent run"
+
+
+def test_tracking_server_gone_mid_study_loses_nothing(smoke_store, tmp_path):
+    """The MLflow server stopped (by its PID) while align_sft trains: the study finishes, keeps
+    what it could not send, and the next run, with the server back on its port, sends it all into
+    the runs it belongs to, without computing anything again."""
+    store = seeded_store(smoke_store, tmp_path / "store")
+    server = TrackingServer(tmp_path / "server")
+    args = ("--set", "study=outage", "--set", f"tracking.uri={server.url}", *SFT_ONLY, "--until", "align_sft")
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # MLflow's own retries would wait ~4 min
+    proc = start(store, *args, env=quick)
+    try:
+        wait_for(lambda: (stage_row(store, "outage", "align_sft") or {}).get("status") == "running",
+                 what="align_sft running")
+        server.stop()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    said = " ".join(out.split())
+    assert proc.returncode == 0, out[-3000:]
+    assert f"MLflow at {server.url} does not answer" in said and "still does not answer" in said, said[-3000:]
+    first = json.loads((store / "studies/outage/state.json").read_text())
+    assert first["status"] == "partial" and first["mlflow"]["unsent"] > 0
+    sft = stage_row(store, "outage", "align_sft")
+    assert sft["status"] == "complete"
+    stamps = finished_stamps(store, "outage")
+
+    server = TrackingServer(tmp_path / "server", port=server.port)
+    try:
+        again = saferay("run", str(SMOKE), *args, store=store)
+        assert f"MLflow at {server.url} answers again" in " ".join(again.stdout.split()), again.stdout[-3000:]
+        assert finished_stamps(store, "outage") == stamps, "nothing is computed again"
+        assert not (store / "studies/outage/tracking-journal/calls.jsonl").exists()
+        client = MlflowClient(tracking_uri=server.url)
+        runs = client.search_runs([first["mlflow"]["experiment_id"]], max_results=1000)
+        of_first = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["mlflow"]["run_id"]]
+        assert sorted(r.info.run_name for r in of_first) == ["align_sft", "base", "data"], "one run per stage"
+        result = json.loads((store / "studies/outage/stages/align_sft" / sft["key"] / "result.json").read_text())
+        run = client.get_run(sft["run_id"])
+        assert run.info.status == "FINISHED" and run.data.metrics["final_loss"] == pytest.approx(result["final_loss"])
+        assert len(client.get_metric_history(sft["run_id"], "train/loss")) == result["steps"]
+        assert "result.json" in {a.path for a in client.list_artifacts(sft["run_id"])}
+        parent = client.get_run(first["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED" and "study_seconds" in parent.data.metrics
+        assert "unsent" not in json.loads((store / "studies/outage/state.json").read_text())["mlflow"]
+    finally:
+        server.stop()

@@ -126,8 +126,11 @@ def test_rerun_recomputes_nothing(smoke_store):
     start = time.perf_counter()
     out = saferay("run", str(SMOKE), store=smoke_store).stdout
     took = time.perf_counter() - start
-    assert set(statuses(show(smoke_store)).values()) == {"cached"}
+    shown = show(smoke_store)
+    assert set(statuses(shown).values()) == {"cached"}
     assert out.count("cached") >= len(STAGES)
+    # What each stage cost when it was computed, not the cached run's 0.0 s.
+    assert all(s["seconds"] == 0.0 and s["computed_seconds"] > 0 for s in shown["stages"])
     print(f"cached re-run: {took:.1f}s")
 
 

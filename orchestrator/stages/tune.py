@@ -203,8 +203,7 @@ def _track(ctx: StageContext, result: dict) -> None:
     from dashboards.plots import pareto_plot
 
     t = ctx.tracker
-    existing = {r.data.tags.get("saferay.trial") for r in t.client.search_runs(
-        [t.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ctx.run_id}'", max_results=1000)}
+    existing = t.children(ctx.run_id, "saferay.trial")
     for row in result["trials"]:
         if row["trial_id"] in existing:
             continue

@@ -13,6 +13,7 @@ from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import STAGES, Stage, StageContext
 from orchestrator.store import StudyStore, stage_key, write_json
+from orchestrator.system_metrics import system_metrics
 from orchestrator.tracking import Tracker, default_tracking_uri
 from orchestrator.tracking_journal import Journal
 
@@ -179,8 +180,11 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                     ctx = StageContext(spec=spec, key=key, out=out, inputs=inputs, tracker=tracker, run_id=run_id,
                                        ray_storage=spec.cluster.storage_path or store.ray_storage,
                                        board=progress.board,
+                                       input_runs={r["name"]: r["run_id"] for r in state["stages"]
+                                                   if r["name"] in stage.needs and r.get("run_id")},
                                        progress=lambda msg, n=stage.name: progress.detail(n, msg))
-                    result = stage.run(ctx)
+                    with system_metrics(spec.tracking.system_metrics_s, tracker, run_id):
+                        result = stage.run(ctx)
                     result["seconds"] = time.perf_counter() - t0
                     write_json(out / "result.json", result)
             except BaseException as e:

@@ -420,6 +420,13 @@ class TrackingSpec(Strict):
     uri: str | None = None  # default: sqlite in the study store
     experiment: str | None = None  # default: the study name
     log_texts: bool = False  # decoded samples (harmful prompts and responses) go to MLflow only if asked
+    # MLflow system metrics (CPU, memory, disk, network, GPU where present) of every Ray node,
+    # sampled this often while a stage computes and logged to its run; 0 turns them off.
+    system_metrics_s: float = Field(10.0, ge=0)
+    # Each aligned model becomes an MLflow LoggedModel with its HS / FA / over-refusal; its weights
+    # stay in the store ("reference") or are copied into MLflow ("copy": GBs for a 7B model).
+    log_models: Literal["reference", "copy"] = "reference"
+    register_models: bool = False  # and a new version of the registered model `<study>-<model>`
 
 
 class ClusterSpec(Strict):

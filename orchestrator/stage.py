@@ -20,6 +20,7 @@ class StageContext:
     run_id: str  # this stage's MLflow run
     ray_storage: Path | str  # a path, or an object-store URI Ray Train writes checkpoints to
     progress: Callable[[str], None] = field(default=lambda msg: None)
+    input_runs: dict[str, str] = field(default_factory=dict)  # needed stage -> its MLflow run in this execution
     board: object = None  # a ProgressBoard actor that Ray workers report to
 
     @property

@@ -166,6 +166,52 @@ class MlflowWriter:
     def log_file(self, run_id: str, path: str, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_dir)
 
+    def start_model(self, run_id: str, name: str, tags: dict, params: dict) -> str:
+        """An MLflow LoggedModel that run `run_id` produced (its weights stay where they are); the
+        one already there when a restarted stage makes it again (same name, study and stage key)."""
+        from mlflow.entities import LoggedModelOutput
+
+        found = self.client.search_logged_models(
+            experiment_ids=[self.experiment_id], max_results=1,
+            filter_string=f"name = '{name}' AND tags.`saferay.key` = '{tags['saferay.key']}' "
+                          f"AND tags.`saferay.study` = '{tags['saferay.study']}'")
+        if found:
+            return found[0].model_id
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id, tags=tags,
+                                                params=params, model_type="saferay")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        return model.model_id
+
+    def log_model_metrics(self, run_id: str, model_id: str, metrics: dict) -> None:
+        """Metrics of a model, measured by run `run_id` (they show on the model and on the run)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(metric_key(k), float(v), now, 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
+
+    def finish_model(self, model_id: str, run_id: str, copy_from: str | None, register_as: str | None) -> None:
+        """Ready; with `copy_from`, the weights copied into MLflow; with `register_as`, a new version
+        of that registered model."""
+        if copy_from:
+            self.client.log_model_artifacts(model_id, copy_from)
+        self.client.finalize_logged_model(model_id, "READY")
+        if register_as:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(register_as)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            # The model's own location, not `models:/<id>`: the client resolves that through the
+            # process-wide tracking URI, not its own.
+            location = self.client.get_logged_model(model_id).artifact_location
+            self.client.create_model_version(register_as, source=location, run_id=run_id, model_id=model_id)
+
     def children(self, parent: str, tag: str) -> set[str]:
         """The values of tag `tag` over the runs nested under `parent`."""
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent}'",
@@ -233,13 +279,7 @@ class Tracker:
         self._call("log_params", run_id, {k: str(v) for k, v in flatten(params).items()})
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        flat = {}
-        for k, v in flatten(metrics).items():
-            if "_ci" in k and isinstance(v, (list, tuple)) and len(v) == 2:  # an interval: its two ends
-                flat[f"{k}_lo"], flat[f"{k}_hi"] = v
-            else:
-                flat[k] = v
-        self._call("log_metrics", run_id, {k: float(v) for k, v in flat.items() if _is_number(v)}, step)
+        self._call("log_metrics", run_id, _finite(metrics), step)
 
     def log_series(self, run_id: str, key: str, values: list[float], steps: list[int] | None = None) -> None:
         """A curve over steps (loss), one metric entry per step (steps 0.. unless given)."""
@@ -269,6 +309,17 @@ class Tracker:
     def log_file(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
         self._call("log_file", run_id, str(path), artifact_dir, files=(str(path),))
 
+    def start_model(self, run_id: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
+        return self._call("start_model", run_id, name, {k: str(v) for k, v in (tags or {}).items()},
+                          {k: str(v) for k, v in flatten(params or {}).items()})
+
+    def log_model_metrics(self, run_id: str, model_id: str, metrics: dict) -> None:
+        self._call("log_model_metrics", run_id, model_id, _finite(metrics))
+
+    def finish_model(self, model_id: str, run_id: str, copy_from: Path | None = None,
+                     register_as: str | None = None) -> None:
+        self._call("finish_model", model_id, run_id, str(copy_from) if copy_from else None, register_as)
+
     def children(self, parent: str, tag: str) -> set[str]:
         """Tag `tag` of each run nested under `parent`, sent or waiting in the journal."""
         waiting = self.journal.children(parent, tag)
@@ -281,6 +332,17 @@ class Tracker:
                 raise
             self.offline = True
             return waiting
+
+
+def _finite(metrics: dict) -> dict[str, float]:
+    """Flattened numeric metrics; an interval `x_ci: [lo, hi]` as its two ends."""
+    flat = {}
+    for k, v in flatten(metrics).items():
+        if "_ci" in k and isinstance(v, (list, tuple)) and len(v) == 2:
+            flat[f"{k}_lo"], flat[f"{k}_hi"] = v
+        else:
+            flat[k] = v
+    return {k: float(v) for k, v in flat.items() if _is_number(v)}
 
 
 def _is_number(v) -> bool:

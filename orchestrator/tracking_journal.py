@@ -3,7 +3,7 @@ until it does:
 
     <study>/tracking-journal/calls.jsonl   one call per line: {"op", "args", "id" (a started run)}
     <study>/tracking-journal/sent          how many of those lines MLflow has received
-    <study>/tracking-journal/ids.json      run started while away ("pending-…") -> its MLflow run id
+    <study>/tracking-journal/ids.json      run or model started while away ("pending-…") -> its MLflow id
     <study>/tracking-journal/files/        copies of the files logged while away
 
 Calls are sent in order and counted as they go, so a replay that is itself interrupted resumes
@@ -49,7 +49,7 @@ class Journal:
             shutil.copy2(path, kept)
             args = [str(kept) if a == path else a for a in args]
         call = {"op": op, "args": args}
-        if op == "start_run":
+        if op in ("start_run", "start_model"):  # what later calls name by the id it returns
             call["id"] = f"{PENDING}{uuid.uuid4().hex}"
         with open(self.calls, "a") as f:
             f.write(json.dumps(call) + "\n")

@@ -99,6 +99,27 @@ def test_mlflow_run_tree(smoke_store):
     assert "train/loss" in stage_runs["align_sft"].data.metrics or stage_runs["align_sft"].data.tags.get("saferay.cached")
     evaluate = stage_runs["evaluate"]
     assert "sft/hs" in evaluate.data.metrics and "attack/sft/sentiment/p0.1/hs" in evaluate.data.metrics
+    # Each aligned model and seed is a LoggedModel of the stage run that trained it, with what
+    # evaluate measured linked to it; its weights stay in the store.
+    key = next(st["key"] for st in s["stages"] if st["name"] == "evaluate")
+    logged = {m.name: m for m in client.search_logged_models(
+        experiment_ids=[exp.experiment_id], filter_string=f"tags.`saferay.key` = '{key}'")}
+    assert set(logged) == {f"{n}-seed{seed}" for n in ("sft", "vaa", "vaa-sam") for seed in (0, 1)} | {"base-seed0"}
+    for name, m in logged.items():
+        model, seed = m.tags["saferay.model"], int(m.tags["saferay.seed"])
+        trained_by = {"base": "base", "sft": "align_sft"}.get(model, "align_vaa")
+        assert m.status == "READY" and m.source_run_id == stage_runs[trained_by].info.run_id, name
+        metrics = {x.key: x.value for x in m.metrics}
+        assert metrics["over_seeds/hs"] == pytest.approx(s["models"][model]["hs"]), name
+        assert metrics["hs"] == pytest.approx(s["models"][model]["hs_by_seed"][seed]), name
+        assert metrics["over_seeds/hs_ci_lo"] <= metrics["over_seeds/hs"] <= metrics["over_seeds/hs_ci_hi"], name
+        assert os.path.isfile(os.path.join(m.tags["saferay.weights"], "model.safetensors")), name
+        assert not client.list_logged_model_artifacts(m.model_id), "weights are referenced, not copied"
+    # What the machine did while each computed stage ran (MLflow's system metrics).
+    for name, run in stage_runs.items():
+        if not run.data.tags.get("saferay.cached"):
+            assert run.data.metrics["system/cpu_utilization_percentage"] > 0, name
+            assert run.data.metrics["system/system_memory_usage_megabytes"] > 0, name
     # Attack cells are nested under the attack stage run of the execution that computed them.
     variants = {r.info.run_name: r for r in runs if r.data.tags.get("saferay.variant")}
     assert {by_id[r.data.tags["mlflow.parentRunId"]].info.run_name for r in variants.values()} == {"align_vaa"}
@@ -159,7 +180,8 @@ def test_changed_field_reruns_only_dependents(smoke_store):
     # A changed attack field re-runs attack and what follows it; asking for decoded texts changes
     # evaluate's key too, and evaluate then logs them. (tune follows evaluate's key; disabled in
     # the smoke study, it completes at once.)
-    saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", "--set", "tracking.log_texts=true", store=smoke_store)
+    saferay("run", str(SMOKE), "--set", "attack.lr=0.0001", "--set", "tracking.log_texts=true",
+            "--set", "tracking.log_models=copy", "--set", "tracking.register_models=true", store=smoke_store)
     s = show(smoke_store)
     assert statuses(s) == {"data": "cached", "base": "cached", "align_sft": "cached", "vulnerability": "cached",
                            "align_vaa": "cached", "align_defences": "cached", "attack": "complete",
@@ -168,6 +190,14 @@ def test_changed_field_reruns_only_dependents(smoke_store):
     evaluate = next(r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=1000)
                     if r.data.tags.get("mlflow.parentRunId") == s["mlflow"]["run_id"] and r.info.run_name == "evaluate")
     assert "samples.json" in [a.path for a in client.list_artifacts(evaluate.info.run_id)]
+    # Asked for, the models' weights are copied into MLflow and registered as `<study>-<model>`.
+    copied = client.search_logged_models(experiment_ids=[s["mlflow"]["experiment_id"]], filter_string=(
+        f"tags.`saferay.key` = '{next(st['key'] for st in s['stages'] if st['name'] == 'evaluate')}'"))
+    assert copied and all("model.safetensors" in {f.path for f in client.list_logged_model_artifacts(m.model_id)}
+                          for m in copied)
+    versions = client.search_model_versions("name = 'smoke-sft'")
+    sft = {m.artifact_location for m in copied if m.tags["saferay.model"] == "sft"}
+    assert len(sft) == 2 and {v.source for v in versions} >= sft, "each seed's SFT model is a version"
 
 
 def test_debias_section_and_bias_artifacts(smoke_store):

@@ -60,6 +60,9 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         tracker.log_file(cell, plot, "plots")
         plot.unlink()  # the stage's copy may be gone by the time the server is back
         tracker.end_run(cell)
+        model = tracker.start_model(stage, "sft-seed0", tags={"saferay.study": "outage", "saferay.key": "k"})
+        tracker.log_model_metrics(stage, model, {"hs": 0.25, "hs_ci": [0.1, 0.4]})
+        tracker.finish_model(model, stage)
         tracker.log_table(stage, [{"model": "sft", "hs": 0.25}], "attack_table.json")
         tracker.log_dataset(stage, [{"prompt": "a", "response": "b"}], "harmful_eval", "/store/data/x", "eval")
         tracker.log_json(stage, {"hs": 0.25}, "result.json")
@@ -99,6 +102,9 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         assert {a.path for a in client.list_artifacts(stage)} >= {"attack_table.json", "result.json"}
         assert [d.dataset.name for d in staged.inputs.dataset_inputs] == ["harmful_eval"]
         assert again.children(stage, "saferay.cell") == {"cell-0"}
+        logged = client.get_logged_model(again.resolve(model))
+        assert model.startswith("pending-") and logged.status == "READY" and logged.source_run_id == stage
+        assert {m.key: m.value for m in logged.metrics} == {"hs": 0.25, "hs_ci_lo": 0.1, "hs_ci_hi": 0.4}
     finally:
         server.stop()
 

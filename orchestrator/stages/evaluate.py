@@ -15,7 +15,8 @@ NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defen
 
 
 def config(spec: StudySpec) -> dict:
-    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks, "log_texts": spec.tracking.log_texts}
+    return {"evaluate": spec.evaluate.model_dump(), "tasks": spec.attack.tasks,
+            **spec.tracking.model_dump(include={"log_texts", "log_models", "register_models"})}
 
 
 def resources(spec: StudySpec) -> str:
@@ -89,6 +90,7 @@ def run(ctx: StageContext) -> dict:
     comparisons = table_intervals(table, paired, spec.attack.tasks)
     for name, m in models.items():
         ctx.tracker.log_metrics(ctx.run_id, {f"{name}/{k}": v for k, v in m.items()})
+    log_models(ctx, {t: results[t] for t in results if t[0] in models}, models)
     for row in attack:
         ctx.tracker.log_metrics(ctx.run_id, {f"attack/{row['model']}/{row['task']}/p{row['p']:g}/{k}": row[k]
                                              for k in ("hs", "fa", "hs_ci", "fa_ci")})
@@ -110,6 +112,33 @@ def run(ctx: StageContext) -> dict:
             "attack_table": table, "comparisons": comparisons, "seeds": spec.replicates,
             "intervals": {"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
+
+
+def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str, dict]) -> None:
+    """Each aligned model, per seed, as an MLflow LoggedModel of the stage run that trained it, with
+    what this stage measured linked to it: its own rates, and its recipe's over every seed with
+    their 95% intervals (`over_seeds/...`). The weights stay in the store (tag `saferay.weights`)
+    unless `tracking.log_models: copy`; `tracking.register_models` adds a version of `<study>-<model>`."""
+    spec, t = ctx.spec, ctx.tracker
+    paths = {(name, seed): path for seed in spec.replicates for name, path in aligned_models(ctx, seed).items()}
+    for (name, seed), r in per_seed.items():
+        source = ctx.input_runs.get(_trained_by(ctx, name), ctx.run_id)
+        model_id = t.start_model(source, f"{name}-seed{seed}", tags={
+            "saferay.study": spec.study, "saferay.model": name, "saferay.seed": seed, "saferay.key": ctx.key,
+            "saferay.weights": paths[(name, seed)]})
+        t.log_model_metrics(ctx.run_id, model_id, {
+            **{k: r[k] for k in ("hs", "over_refusal", "fa")},
+            **{f"over_seeds/{k}": models[name][k] for k in ("hs", "hs_ci", "over_refusal", "over_refusal_ci",
+                                                             "fa", "fa_ci")}})
+        t.finish_model(model_id, source, copy_from=paths[(name, seed)] if spec.tracking.log_models == "copy" else None,
+                       register_as=f"{spec.study}-{name}" if spec.tracking.register_models else None)
+
+
+def _trained_by(ctx: StageContext, name: str) -> str:
+    """The stage that trained aligned model `name`."""
+    if name in ("base", "sft"):
+        return {"base": "base", "sft": "align_sft"}[name]
+    return "align_vaa" if name in ctx.input_result("align_vaa").get("variants", {}) else "align_defences"
 
 
 def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:

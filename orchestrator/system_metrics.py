@@ -1,0 +1,69 @@
+"""What the machines did while a stage computed: MLflow's system metrics (CPU, memory, disk,
+network; GPU utilisation and memory where a GPU is) logged to the stage's MLflow run, from every
+node of the Ray cluster. The driver's node is sampled by a thread of the driver; each other node
+by an actor placed on it (no CPU held), its metrics named `system/<node ip>/...`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+log = logging.getLogger("saferay")
+
+
+def _monitor_class():
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class StageMonitor(SystemMetricsMonitor):
+        def finish(self):
+            """MLflow's `finish` drops the samples since the last interval; a stage shorter than
+            one interval would log none."""
+            super().finish()
+            last = self.aggregate_metrics()
+            try:  # samples are not worth failing a stage for (a tracking server gone, say)
+                if last:
+                    self.publish_metrics(last)
+                    self.mlflow_logger.flush()
+            except Exception as e:
+                log.warning("system metrics of run %s: the last samples were not logged (%s)", self._run_id, e)
+
+    return StageMonitor
+
+
+class NodeMonitor:
+    """A Ray actor sampling the node it runs on."""
+
+    def __init__(self, run_id: str, interval: float, node: str, tracking_uri: str):
+        self.monitor = _monitor_class()(run_id, sampling_interval=interval, resume_logging=True, node_id=node,
+                                        tracking_uri=tracking_uri)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.monitor.finish()
+
+
+@contextlib.contextmanager
+def system_metrics(interval: float, tracker, run_id: str):
+    """Sample every node while the block runs (nothing when off, or while MLflow does not answer:
+    these samples are not worth a journal)."""
+    if not interval or tracker.offline:
+        yield
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    monitors = [ray.remote(NodeMonitor).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        run_id, interval, n["NodeManagerAddress"], tracker.uri) for n in others]
+    local = _monitor_class()(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=tracker.uri)
+    local.start()
+    try:
+        yield
+    finally:
+        local.finish()
+        for m in monitors:
+            with contextlib.suppress(Exception):  # a node that died with the stage
+                ray.get(m.finish.remote(), timeout=60)
+                ray.kill(m)

@@ -183,7 +183,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                                        input_runs={r["name"]: r["run_id"] for r in state["stages"]
                                                    if r["name"] in stage.needs and r.get("run_id")},
                                        progress=lambda msg, n=stage.name: progress.detail(n, msg))
-                    with system_metrics(spec.tracking.system_metrics_s, tracker, run_id):
+                    with system_metrics(spec.tracking.system_metrics_s, tracker, tracker.resolve(run_id)):
                         result = stage.run(ctx)
                     result["seconds"] = time.perf_counter() - t0
                     write_json(out / "result.json", result)

@@ -66,4 +66,5 @@ def system_metrics(interval: float, tracker, run_id: str):
         for m in monitors:
             with contextlib.suppress(Exception):  # a node that died with the stage
                 ray.get(m.finish.remote(), timeout=60)
+            with contextlib.suppress(Exception):
                 ray.kill(m)

@@ -66,15 +66,20 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{Path(root).absolute() / 'mlflow.db'}"
 
 
-# How MLflow's REST client reports a server it could not reach (after its own retries), as
-# opposed to a request the server refused (a bug here, which must still raise).
-_UNREACHABLE = re.compile(r"API request to \S+ failed with (exception|timeout exception|error code 5\d\d)")
+# How MLflow's REST client reports a server it could not reach after its own retries (refused or
+# reset connections, timeouts, a gateway answering 502/503/504 for it), as opposed to a request
+# the server answered with an error (a 500 included: a bug, which must still raise).
+_FAILED = re.compile(r"API request to .* failed with (timeout exception|exception)")
+_ANSWERED = re.compile(r"ResponseError\('too many (?!50[234] )\d+ error responses")
 
 
 def unreachable(e: BaseException) -> bool:
     import requests
 
-    return isinstance(e, requests.exceptions.ConnectionError) or bool(_UNREACHABLE.search(str(e)))
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return True
+    message = str(e)
+    return bool(_FAILED.search(message)) and not _ANSWERED.search(message)
 
 
 class MlflowWriter:
@@ -176,14 +181,15 @@ class MlflowWriter:
             filter_string=f"name = '{name}' AND tags.`saferay.key` = '{tags['saferay.key']}' "
                           f"AND tags.`saferay.study` = '{tags['saferay.study']}'")
         if found:
-            return found[0].model_id
+            return found[0].model_id  # `finish_model` then leaves it as it is
         model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id, tags=tags,
                                                 params=params, model_type="saferay")
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
         return model.model_id
 
     def log_model_metrics(self, run_id: str, model_id: str, metrics: dict) -> None:
-        """Metrics of a model, measured by run `run_id` (they show on the model and on the run)."""
+        """Metrics of a model, measured by run `run_id`. MLflow writes them to the run too, under the
+        same keys: give keys that name the model."""
         import time
 
         from mlflow.entities import Metric
@@ -195,7 +201,9 @@ class MlflowWriter:
 
     def finish_model(self, model_id: str, run_id: str, copy_from: str | None, register_as: str | None) -> None:
         """Ready; with `copy_from`, the weights copied into MLflow; with `register_as`, a new version
-        of that registered model."""
+        of that registered model. A model already READY (a restarted stage's) is left as it is."""
+        if self.client.get_logged_model(model_id).status == "READY":
+            return
         if copy_from:
             self.client.log_model_artifacts(model_id, copy_from)
         self.client.finalize_logged_model(model_id, "READY")
@@ -238,11 +246,14 @@ class Tracker:
         if not self.writer.answers():
             return False
         try:
-            self.journal.replay(self.writer)
+            refused = self.journal.replay(self.writer, unreachable)
         except Exception as e:
             if not unreachable(e):
                 raise
             return False
+        for call, error in refused:
+            self.notify(f"MLflow at {self.uri} refused a kept tracking call ({call['op']}: {error[:200]}); "
+                        f"it is kept in {self.journal.rejected}")
         self.offline = False
         self.notify(f"MLflow at {self.uri} answers again: sent the tracking calls kept in {self.journal.dir}")
         return True

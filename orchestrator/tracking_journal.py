@@ -5,6 +5,7 @@ until it does:
     <study>/tracking-journal/sent          how many of those lines MLflow has received
     <study>/tracking-journal/ids.json      run or model started while away ("pending-…") -> its MLflow id
     <study>/tracking-journal/files/        copies of the files logged while away
+    <study>/tracking-journal/rejected.jsonl  calls the server answered with an error when sent
 
 Calls are sent in order and counted as they go, so a replay that is itself interrupted resumes
 after the last call sent (the one in flight at the interruption may be sent twice).
@@ -26,13 +27,15 @@ class Journal:
     def __init__(self, dir: Path):
         self.dir = Path(dir)
         self.calls, self.sent_file, self.ids_file = self.dir / "calls.jsonl", self.dir / "sent", self.dir / "ids.json"
+        self.rejected = self.dir / "rejected.jsonl"
         self.ids: dict[str, str] = json.loads(self.ids_file.read_text()) if self.ids_file.exists() else {}
 
     def _lines(self) -> list[dict]:
         return [json.loads(line) for line in self.calls.read_text().splitlines() if line] if self.calls.exists() else []
 
     def _sent(self) -> int:
-        return int(self.sent_file.read_text()) if self.sent_file.exists() else 0
+        # No calls file: a finished replay, even one stopped between removing the two files.
+        return json.loads(self.sent_file.read_text()) if self.sent_file.exists() and self.calls.exists() else 0
 
     def pending(self) -> int:
         return len(self._lines()) - self._sent()
@@ -55,20 +58,31 @@ class Journal:
             f.write(json.dumps(call) + "\n")
         return call.get("id")
 
-    def replay(self, writer) -> None:
-        """Send every unsent call through `writer` (an `MlflowWriter`); raises where the server
-        stops answering again, with what was sent counted."""
-        lines = self._lines()
+    def replay(self, writer, unreachable) -> list[tuple[dict, str]]:
+        """Send every unsent call through `writer` (an `MlflowWriter`). Raises where the server
+        stops answering again (`unreachable(error)`), with what was sent counted. A call the
+        server answers with an error is set aside in `rejected.jsonl`, so that one bad call cannot
+        hold back the rest for good; returns those, with their errors."""
+        lines, refused = self._lines(), []
         for i in range(self._sent(), len(lines)):
             call = lines[i]
-            result = getattr(writer, call["op"])(*[self.resolve(a) for a in call["args"]])
-            if "id" in call:
-                self.ids[call["id"]] = result
-                write_json(self.ids_file, self.ids)
-            self.sent_file.write_text(str(i + 1))
-        self.calls.unlink(missing_ok=True)
+            try:
+                result = getattr(writer, call["op"])(*[self.resolve(a) for a in call["args"]])
+            except Exception as e:
+                if unreachable(e):
+                    raise
+                refused.append((call, f"{type(e).__name__}: {e}"))
+                with open(self.rejected, "a") as f:
+                    f.write(json.dumps({**call, "error": refused[-1][1]}) + "\n")
+            else:
+                if "id" in call:
+                    self.ids[call["id"]] = result
+                    write_json(self.ids_file, self.ids)
+            write_json(self.sent_file, i + 1)
+        self.calls.unlink(missing_ok=True)  # first: without it, `sent` counts nothing
         self.sent_file.unlink(missing_ok=True)
         shutil.rmtree(self.dir / "files", ignore_errors=True)
+        return refused
 
     def children(self, parent: str, tag: str) -> set[str]:
         """Tag `tag` of the unsent runs started under `parent`."""

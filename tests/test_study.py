@@ -109,10 +109,11 @@ def test_mlflow_run_tree(smoke_store):
         model, seed = m.tags["saferay.model"], int(m.tags["saferay.seed"])
         trained_by = {"base": "base", "sft": "align_sft"}.get(model, "align_vaa")
         assert m.status == "READY" and m.source_run_id == stage_runs[trained_by].info.run_id, name
-        metrics = {x.key: x.value for x in m.metrics}
+        metrics = {x.key.removeprefix(f"{name}/"): x.value for x in m.metrics}
         assert metrics["over_seeds/hs"] == pytest.approx(s["models"][model]["hs"]), name
         assert metrics["hs"] == pytest.approx(s["models"][model]["hs_by_seed"][seed]), name
         assert metrics["over_seeds/hs_ci_lo"] <= metrics["over_seeds/hs"] <= metrics["over_seeds/hs_ci_hi"], name
+        assert evaluate.data.metrics[f"{name}/hs"] == metrics["hs"], "the run keeps each model's, not the last"
         assert os.path.isfile(os.path.join(m.tags["saferay.weights"], "model.safetensors")), name
         assert not client.list_logged_model_artifacts(m.model_id), "weights are referenced, not copied"
     # What the machine did while each computed stage ran (MLflow's system metrics).

@@ -10,7 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import MlflowWriter, Tracker, default_tracking_uri
+from orchestrator.tracking import MlflowWriter, Tracker, default_tracking_uri, unreachable
 from orchestrator.tracking_journal import Journal
 from procs import kill_all, start_cli
 from servers import TrackingServer, free_port, wait_http
@@ -67,6 +67,7 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         tracker.log_dataset(stage, [{"prompt": "a", "response": "b"}], "harmful_eval", "/store/data/x", "eval")
         tracker.log_json(stage, {"hs": 0.25}, "result.json")
         tracker.set_tag(stage, "saferay.cached", "false")
+        tracker.set_tag("0" * 32, "saferay.cached", "false")  # a run that is not there: refused when sent
         tracker.end_run(stage)
         tracker.end_run(parent)
         assert tracker.children(stage, "saferay.cell") == {"cell-0"}, "a resumed sweep must see unsent runs"
@@ -78,10 +79,12 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         again = Tracker(server.url, "outage", None, Journal(journal_dir))
         assert again.offline
         with pytest.raises(MlflowException):
-            again.journal.replay(StopsAnsweringAfter(again.writer, 3))
+            again.journal.replay(StopsAnsweringAfter(again.writer, 3), unreachable)
         assert again.journal.pending() == waiting - 3
         assert again.reconnect() and not again.offline and again.journal.pending() == 0
         assert not (journal_dir / "files").exists() and not (journal_dir / "calls.jsonl").exists()
+        rejected = [json.loads(line) for line in (journal_dir / "rejected.jsonl").read_text().splitlines()]
+        assert [(c["op"], c["args"][0]) for c in rejected] == [("set_tag", "0" * 32)], "set aside, not blocking"
 
         client = MlflowClient(server.url)
         runs = client.search_runs([again.experiment_id], max_results=100)
@@ -107,6 +110,22 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         assert {m.key: m.value for m in logged.metrics} == {"hs": 0.25, "hs_ci_lo": 0.1, "hs_ci_hi": 0.4}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("message, away", [
+    ("API request to http://h:5000/api/2.0/mlflow/runs/get failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by NewConnectionError('Connection refused'))", True),
+    ("API request to http://h:5000/api/2.0/mlflow/runs/get failed with timeout exception Read timed out.", True),
+    ("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 503 error responses'))", True),
+    ("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 500 error responses'))", False),
+    ("RESOURCE_DOES_NOT_EXIST: Run with id=0000 not found", False),
+])
+def test_an_outage_is_told_from_a_refused_request(message, away):
+    """Only a server that is not there is waited for; one that answers with an error (a 500 after
+    MLflow's retries included) is a bug that must surface, not a call to keep forever."""
+    assert unreachable(MlflowException(message)) is away
 
 
 @pytest.mark.parametrize("command", ["ui", "tracking-server"])

@@ -116,20 +116,23 @@ def run(ctx: StageContext) -> dict:
 
 def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str, dict]) -> None:
     """Each aligned model, per seed, as an MLflow LoggedModel of the stage run that trained it, with
-    what this stage measured linked to it: its own rates, and its recipe's over every seed with
-    their 95% intervals (`over_seeds/...`). The weights stay in the store (tag `saferay.weights`)
-    unless `tracking.log_models: copy`; `tracking.register_models` adds a version of `<study>-<model>`."""
+    what this stage measured linked to it: its own rates (`<model>-seed<k>/hs`, ...), and its
+    recipe's over every seed with their 95% intervals (`<model>-seed<k>/over_seeds/...`). The
+    weights stay in the store (tag `saferay.weights`) unless `tracking.log_models: copy`;
+    `tracking.register_models` adds a version of `<study>-<model>`."""
     spec, t = ctx.spec, ctx.tracker
     paths = {(name, seed): path for seed in spec.replicates for name, path in aligned_models(ctx, seed).items()}
     for (name, seed), r in per_seed.items():
         source = ctx.input_runs.get(_trained_by(ctx, name), ctx.run_id)
-        model_id = t.start_model(source, f"{name}-seed{seed}", tags={
+        own = f"{name}-seed{seed}"
+        model_id = t.start_model(source, own, tags={
             "saferay.study": spec.study, "saferay.model": name, "saferay.seed": seed, "saferay.key": ctx.key,
             "saferay.weights": paths[(name, seed)]})
+        # MLflow writes a model's metrics to the run as well: keys that say whose they are.
         t.log_model_metrics(ctx.run_id, model_id, {
-            **{k: r[k] for k in ("hs", "over_refusal", "fa")},
-            **{f"over_seeds/{k}": models[name][k] for k in ("hs", "hs_ci", "over_refusal", "over_refusal_ci",
-                                                             "fa", "fa_ci")}})
+            **{f"{own}/{k}": r[k] for k in ("hs", "over_refusal", "fa")},
+            **{f"{own}/over_seeds/{k}": models[name][k] for k in ("hs", "hs_ci", "over_refusal", "over_refusal_ci",
+                                                                   "fa", "fa_ci")}})
         t.finish_model(model_id, source, copy_from=paths[(name, seed)] if spec.tracking.log_models == "copy" else None,
                        register_as=f"{spec.study}-{name}" if spec.tracking.register_models else None)
 

@@ -140,13 +140,15 @@ class MlflowWriter:
         from mlflow.entities import Metric
 
         items = [Metric(metric_key(k), float(v), 0, step) for k, v in metrics.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
+        self._log_metric_batches(run_id, items)
 
     def log_series(self, run_id: str, key: str, values: list[float], steps: list[int]) -> None:
         from mlflow.entities import Metric
 
         items = [Metric(metric_key(key), float(v), 0, step) for step, v in zip(steps, values, strict=True)]
+        self._log_metric_batches(run_id, items)
+
+    def _log_metric_batches(self, run_id: str, items: list) -> None:
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
@@ -196,8 +198,7 @@ class MlflowWriter:
 
         now = int(time.time() * 1000)
         items = [Metric(metric_key(k), float(v), now, 0, model_id=model_id, run_id=run_id) for k, v in metrics.items()]
-        for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
+        self._log_metric_batches(run_id, items)
 
     def finish_model(self, model_id: str, run_id: str, copy_from: str | None, register_as: str | None) -> None:
         """Ready; with `copy_from`, the weights copied into MLflow; with `register_as`, a new version

@@ -136,9 +136,12 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     from orchestrator.summary import render
 
     console.print(f"study [bold]{s.study}[/] → store {st.dir}  (logs: {log_file})")
+    from orchestrator.interrupts import insistent_ctrl_c
+
     try:
-        summary = run_study(s, st, verbose=verbose, console=console,
-                            after_ray_start=lambda: quiet_libraries(log_file, verbose), until=until)
+        with insistent_ctrl_c():
+            summary = run_study(s, st, verbose=verbose, console=console,
+                                after_ray_start=lambda: quiet_libraries(log_file, verbose), until=until)
     except KeyboardInterrupt:
         _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
     except InputError as e:  # bad input: exit 2, like a bad spec

@@ -9,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+from orchestrator import interrupts
 from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import STAGES, Stage, StageContext
@@ -189,6 +190,8 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                     write_json(out / "result.json", result)
             except BaseException as e:
                 interrupted = isinstance(e, KeyboardInterrupt)
+                if interrupted:
+                    interrupts.taken()  # recording it below may take longer than a re-raise waits
                 status = "interrupted" if interrupted else "failed"
                 row.update(status=status, seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
                 state["status"] = status

@@ -10,6 +10,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.yaml"
 
 
+def _untracked() -> set[str]:
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                         text=True).stdout
+    return {line[3:] for line in out.splitlines() if line.startswith("??")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leaves_the_repository_clean(request):
+    """Every file a test module writes goes to its own temp dirs: none appears in the checkout."""
+    before = _untracked()
+    yield
+    new = _untracked() - before
+    assert not new, f"{request.module.__name__} left files in the repository: {sorted(new)[:10]}"
+
+
 def saferay(*args, store: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the real CLI in its own process (its own embedded Ray), as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

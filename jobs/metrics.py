@@ -106,3 +106,21 @@ def judge_warnings(judge: str, results: dict[str, dict], limit: float = 0.05) ->
             lines.append(f"warning: judge '{judge}' could not parse {r['unparsed']} of {r['n']} verdicts on {name}; "
                          "its HS is over the parsed ones")
     return lines
+
+
+def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
+    """The paper's table: one row per (model, p), HS and FA per task and their average."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in attack):
+        for p in dict.fromkeys(r["p"] for r in attack):
+            cells = {r["task"]: r for r in attack if r["model"] == model and r["p"] == p}
+            if not cells:
+                continue
+            row = {"model": model, "p": p}
+            for t in tasks:
+                if t in cells:
+                    row[f"{t}/hs"], row[f"{t}/fa"] = cells[t]["hs"], cells[t]["fa"]
+            row["avg/hs"] = sum(c["hs"] for c in cells.values()) / len(cells)
+            row["avg/fa"] = sum(c["fa"] for c in cells.values()) / len(cells)
+            rows.append(row)
+    return rows

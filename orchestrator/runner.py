@@ -12,7 +12,7 @@ from pathlib import Path
 from orchestrator import interrupts
 from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
-from orchestrator.stages import STAGES, Stage, StageContext
+from orchestrator.stages import BY_NAME, STAGES, Stage, StageContext
 from orchestrator.store import StudyStore, stage_key, write_json
 from orchestrator.system_metrics import system_metrics
 from orchestrator.tracking import Tracker, default_tracking_uri
@@ -101,7 +101,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
 
     tracker.notify = notify
 
-    def record(run_id: str, result: dict) -> None:
+    def record(run_id: str, result: dict) -> None:  # result.json's contents
         tracker.log_metrics(run_id, result)
         tracker.log_json(run_id, result, "result.json")
         tracker.end_run(run_id)
@@ -133,8 +133,8 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
         for (stage, key), row in zip(steps[:last + 1], state["stages"]):
             tracker.reconnect()  # a server that stopped answering may be back
-            inputs = {n: (store.stage_dir(n, state_key(state, n)), store.result(n, state_key(state, n)))
-                      for n in stage.needs}
+            inputs = {n: (store.stage_dir(n, state_key(state, n)),
+                          BY_NAME[n].result.from_json(store.result(n, state_key(state, n)))) for n in stage.needs}
             if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
                 progress.set(stage.name, row["status"], seconds=row["seconds"])
                 continue
@@ -185,8 +185,9 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                                                    if r["name"] in stage.needs and r.get("run_id")},
                                        progress=lambda msg, n=stage.name: progress.detail(n, msg))
                     with system_metrics(spec.tracking.system_metrics_s, tracker, tracker.resolve(run_id)):
-                        result = stage.run(ctx)
-                    result["seconds"] = time.perf_counter() - t0
+                        typed = stage.run(ctx)
+                    typed.seconds = time.perf_counter() - t0
+                    result = typed.to_json()
                     write_json(out / "result.json", result)
             except BaseException as e:
                 interrupted = isinstance(e, KeyboardInterrupt)

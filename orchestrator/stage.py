@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,7 @@ class StageContext:
     spec: StudySpec
     key: str
     out: Path  # private directory; moved into the store when `run` returns
-    inputs: dict[str, tuple[Path, dict]]  # needed stage -> (its directory, its result)
+    inputs: dict[str, tuple[Path, StageResult]]  # needed stage -> (its directory, its result)
     tracker: Tracker
     run_id: str  # this stage's MLflow run
     ray_storage: Path | str  # a path, or an object-store URI Ray Train writes checkpoints to
@@ -31,8 +31,47 @@ class StageContext:
     def input_dir(self, name: str) -> Path:
         return self.inputs[name][0]
 
-    def input_result(self, name: str) -> dict:
+    def input_result(self, name: str) -> StageResult:
         return self.inputs[name][1]
+
+    def models(self, seed: int | None = None) -> dict[str, str]:
+        """Every model the stages this one needs have trained (`StageResult.models`), by name."""
+        found: dict[str, str] = {}
+        for name, (stage_dir, result) in self.inputs.items():
+            found |= result.models(stage_dir, seed)
+        return found
+
+    def trained_by(self, model: str) -> str:
+        """The needed stage that trained `model`."""
+        return next(name for name, (stage_dir, result) in self.inputs.items() if model in result.models(stage_dir))
+
+
+class JsonFields:
+    """A dataclass stored as JSON, a key per field."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        """From its JSON; keys this version does not have (an older one wrote them) are left out."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(kw_only=True)
+class StageResult(JsonFields):
+    """What a stage's `run` returns: stored as its result.json and logged to its MLflow run. Each
+    stage module declares its own subclass, `Result`; `plan`, `show`, the report and other
+    stages read it through that class (its fields, `models`, the module's `shown`), never by
+    parsing another stage's JSON."""
+
+    seconds: float | None = None  # the stage's own time, set by the runner
+    peak_rss_mb: float | None = None
+
+    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        """The models this stage trained, {name: directory}, as trained from `seed` (default: the
+        first seed's). A stage that trains none has none."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -43,17 +82,43 @@ class Stage:
     version: int  # bump when the stage's algorithm changes, so cached outputs are redone
     needs: tuple[str, ...]
     config: Callable[[StudySpec], dict]
-    run: Callable[[StageContext], dict]
+    run: Callable[[StageContext], StageResult]
     resources: Callable[[StudySpec], str]  # what it asks of the cluster, in words (`saferay plan`)
-    shown: Callable[[dict, Path], dict]  # its part of `saferay show --json`, from its result and directory
+    shown: Callable[[StageResult, Path], dict]  # its part of `saferay show --json`, from its result and directory
+    result: type[StageResult]  # what `run` returns, and reads back from result.json
 
 
 TRAIN_KEYS = ("steps", "final_loss", "tokens_per_second", "train_seconds")
 
 
-def training_shown(result: dict) -> dict:
-    """What `show` prints of a training run's summary (`train_summary`)."""
-    return {k: result.get(k) for k in TRAIN_KEYS}
+@dataclass(kw_only=True)
+class TrainingSummary(JsonFields):
+    """What a result keeps of a training run (`train_summary`)."""
+
+    steps: int | None = None
+    final_loss: float | None = None
+    train_seconds: float | None = None
+    tokens_per_second: float | None = None
+    parameters: int | None = None
+    peak_rss_mb: float | None = None
+
+    def training(self) -> dict:
+        """What `show` prints of it."""
+        return {k: getattr(self, k) for k in TRAIN_KEYS}
+
+
+@dataclass(kw_only=True)
+class TrainedModel(TrainingSummary):
+    """One trained model of a stage: the first seed's at `model` (relative to the stage's
+    directory), every seed's in `replicates`, and the first seed's training summary."""
+
+    model: str
+    replicates: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None  # its nested MLflow run, where it has one
+
+    def path(self, stage_dir: Path, seed: int | None = None) -> str:
+        """Where the model trained from `seed` lives (default: the first seed's)."""
+        return str(stage_dir / (self.model if seed is None or not self.replicates else self.replicates[str(seed)]))
 
 
 def scaling(section) -> str:
@@ -62,18 +127,6 @@ def scaling(section) -> str:
 
     where = "1 GPU" if section.use_gpu else f"{section.cpus_per_worker:g} CPU"
     return f"{section.num_workers} × {where} ({strategy_name(section.model_dump())}, Ray Train)"
-
-
-def model_dir(stage_dir: Path, result: dict) -> str:
-    """Where a stage's model lives: inside the stage, or (a pretrained source) elsewhere."""
-    return str(stage_dir / result["model"]) if result.get("model_in_stage", True) else result["model"]
-
-
-def replicate_dir(stage_dir: Path, result: dict, seed: int | None) -> str:
-    """One seed's replicate of a trained model (the first seed's, which `model_dir` gives, by default)."""
-    if seed is None or "replicates" not in result:
-        return model_dir(stage_dir, result)
-    return str(stage_dir / result["replicates"][str(seed)])
 
 
 def ray_progress(ctx: StageContext, label: str, what: str | None = None):
@@ -85,7 +138,8 @@ def ray_progress(ctx: StageContext, label: str, what: str | None = None):
 
 
 def train_summary(history: dict) -> dict:
-    """What a stage's result keeps of a training run's history (`jobs/train_loop.py`)."""
+    """What a stage's result keeps of a training run's history (`jobs/train_loop.py`): the
+    fields of `TrainingSummary`."""
     return {"steps": history["steps"], "final_loss": history["loss"][-1], "train_seconds": history["seconds"],
             "tokens_per_second": history["tokens"] / max(history["seconds"], 1e-9),
             **{k: history[k] for k in ("parameters", "peak_rss_mb") if k in history}}
@@ -126,19 +180,6 @@ def wait_all(ctx: StageContext, refs: dict, noun: str):
         key = pending.pop(ready[0])
         done += 1
         yield key, ray.get(ready[0])
-
-
-def aligned_models(ctx: StageContext, seed: int | None = None) -> dict[str, str]:
-    """Every model the attack and evaluation can name: base, sft, each trained VAA variant and each
-    trained defence, as trained from `seed` (the base is shared by every seed; default: the first
-    seed's models)."""
-    models = {"base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
-              "sft": replicate_dir(ctx.input_dir("align_sft"), ctx.input_result("align_sft"), seed)}
-    for stage, key in (("align_vaa", "variants"), ("align_defences", "defences")):
-        if stage in ctx.inputs:
-            for name, v in ctx.input_result(stage).get(key, {}).items():
-                models[name] = replicate_dir(ctx.input_dir(stage), v, seed)
-    return models
 
 
 SHARED_BY_SEEDS = ("base",)  # models no seed retrains: evaluated once

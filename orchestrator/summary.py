@@ -25,8 +25,8 @@ def summarize(store: StudyStore) -> dict:
         done = next((s for s in state["stages"] if s["name"] == stage.name and s["status"] in ("complete", "cached")
                      and store.is_complete(s["name"], s["key"])), None)
         if done:
-            for key, value in stage.shown(store.result(stage.name, done["key"]),
-                                          store.stage_dir(stage.name, done["key"])).items():
+            result = stage.result.from_json(store.result(stage.name, done["key"]))
+            for key, value in stage.shown(result, store.stage_dir(stage.name, done["key"])).items():
                 # Stages that train add their rows to one "training" table.
                 out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and out[key] else value
     return out

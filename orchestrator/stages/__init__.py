@@ -2,8 +2,9 @@
 when its algorithm changes, so cached outputs are redone), NEEDS (the stages whose outputs it
 reads), `config(spec)` (the slice of the spec it depends on: its key hashes that and its
 inputs' keys), `run(ctx)` (writes outputs into a private directory, returns its result),
-`resources(spec)` (what it asks of the cluster, for `saferay plan`) and `shown(result, dir)`
-(its part of `saferay show`: no other module reads a stage's result by key).
+`resources(spec)` (what it asks of the cluster, for `saferay plan`), `shown(result, dir)` (its
+part of `saferay show`) and `Result` (what `run` returns, a `StageResult`: other stages read it
+through its fields and `models`, never a stage's JSON by key).
 
 Stages decide where work runs (Ray Train runs, Ray Data, Ray tasks); the work itself is in `jobs/`.
 """
@@ -15,5 +16,6 @@ from orchestrator.stages import (align_defences, align_sft, align_vaa, attack, b
                                  vulnerability)
 
 MODULES = (data, base, align_sft, vulnerability, align_vaa, align_defences, attack, evaluate, debias, tune)
-STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run, m.resources, m.shown)
+STAGES: tuple[Stage, ...] = tuple(Stage(m.NAME, m.VERSION, m.NEEDS, m.config, m.run, m.resources, m.shown, m.Result)
                                   for m in MODULES)
+BY_NAME = {s.name: s for s in STAGES}

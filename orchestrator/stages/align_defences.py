@@ -5,10 +5,11 @@ rows of the harmful corpus (`jobs/recipes.py::defence_harmful`), which the attac
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, scaling, train_summary, training_shown
+from orchestrator.stage import StageContext, StageResult, TrainedModel, scaling, train_summary
 from orchestrator.stages.align_sft import AlignmentRun, alignment_frame, fit_alignments, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
@@ -16,6 +17,26 @@ NAME = "align_defences"
 VERSION = 1  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ("data", "base")
 USES_HARMFUL = ("booster", "repnoise")
+
+
+@dataclass(kw_only=True)
+class Defence(TrainedModel):
+    knobs: dict = field(default_factory=dict)  # its section of `defences` in the spec
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    defences: dict[str, Defence] = field(default_factory=dict)
+    harmful_rows: int = 0  # of the harmful corpus, drawn by Booster and RepNoise (the attack leaves them out)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        result = super().from_json(data)
+        result.defences = {name: Defence.from_json(d) for name, d in result.defences.items()}
+        return result
+
+    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        return {name: d.path(stage_dir, seed) for name, d in self.defences.items()}
 
 
 def config(spec: StudySpec) -> dict:
@@ -30,13 +51,13 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    if not result.get("defences"):
+def shown(result: Result, stage_dir: Path) -> dict:
+    if not result.defences:
         return {}
-    return {"defences": {name: training_shown(d) for name, d in result["defences"].items()}}
+    return {"defences": {name: d.training() for name, d in result.defences.items()}}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     import pandas as pd
 
     from jobs.corpora import read_split
@@ -68,10 +89,9 @@ def run(ctx: StageContext) -> dict:
             history, path = next(histories), replicate_path(name, seed, k == 0)
             run_id = _track(ctx, name if k == 0 else f"{name}-s{seed}", knobs, history)
             if k == 0:
-                trained[name] = {"model": path, "run_id": run_id, **knobs, **train_summary(history),
-                                 "replicates": {}}
-            trained[name]["replicates"][str(seed)] = path
-    return {"defences": trained, "harmful_rows": 0 if harmful is None else len(harmful)}
+                trained[name] = Defence(model=path, run_id=run_id, knobs=knobs, **train_summary(history))
+            trained[name].replicates[str(seed)] = path
+    return Result(defences=trained, harmful_rows=0 if harmful is None else len(harmful))
 
 
 def _track(ctx: StageContext, run: str, knobs: dict, history: dict) -> str:

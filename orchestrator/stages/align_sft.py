@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, model_dir, run_name, scaling, train_summary, training_shown
+from orchestrator.stage import StageContext, StageResult, TrainedModel, run_name, scaling, train_summary
 
 NAME = "align_sft"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
@@ -24,6 +24,18 @@ def alignment_frame(data_dir: Path, spec: StudySpec, lookalike: bool | None = No
     a = spec.align_sft
     return alignment_mix(data_dir, a.lookalike if lookalike is None else lookalike, a.benign_per_task,
                          spec.seed if seed is None else seed)
+
+
+@dataclass(kw_only=True)
+class Result(StageResult, TrainedModel):
+    """The SFT model, one replicate per seed, with the first seed's training summary."""
+
+    strategy: str | None = None  # what ran (`jobs/launch.py::strategy_name`)
+    rows: int | None = None  # the alignment mix's rows
+    resumed_from_epoch: int | None = None
+
+    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        return {"sft": self.path(stage_dir, seed)}
 
 
 @dataclass
@@ -54,7 +66,7 @@ def fit_alignments(ctx: StageContext, group: str, runs: list[AlignmentRun]) -> l
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
     pad_id = load_tokenizer(data_dir / "tokenizer").pad_token_id
-    base = model_dir(ctx.input_dir("base"), ctx.input_result("base"))
+    base = ctx.models()["base"]
     cfgs = []
     for run in runs:
         rows_file = ctx.out / "rows" / f"{run.name}.parquet"
@@ -90,11 +102,11 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    return {"training": {NAME: training_shown(result)}} if "final_loss" in result else {}
+def shown(result: Result, stage_dir: Path) -> dict:
+    return {"training": {NAME: result.training()}} if result.final_loss is not None else {}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     spec = ctx.spec
     runs = [sft_run(ctx, replicate_name("align_sft", seed, spec), ctx.out / replicate_path("", seed, i == 0), seed)
             for i, seed in enumerate(spec.replicates)]
@@ -104,7 +116,7 @@ def run(ctx: StageContext) -> dict:
         ctx.tracker.log_series(ctx.run_id, "train/loss" if i == 0 else f"train/loss_seed{seed}", result.pop("losses"))
         replicates[str(seed)] = replicate_path("", seed, i == 0)
         first = first or result
-    return {"model": "model", "replicates": replicates, **first}
+    return Result(model="model", replicates=replicates, **first)
 
 
 def sft_run(ctx: StageContext, name: str, out: Path, seed: int, epochs: int | None = None,

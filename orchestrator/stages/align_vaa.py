@@ -3,16 +3,45 @@ ablations, once per seed, with align_sft's recipe and scaling, on Ray Train thro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import TRAIN_KEYS, StageContext, scaling, train_summary
+from orchestrator.stage import StageContext, StageResult, TrainedModel, scaling, train_summary
 from orchestrator.stages.align_sft import AlignmentRun, alignment_frame, fit_alignments, replicate_name, replicate_path
 from orchestrator.stages.align_sft import config as align_config
 
 NAME = "align_vaa"
 VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ("data", "base", "vulnerability")
+
+
+@dataclass(kw_only=True)
+class Variant(TrainedModel):
+    """One VAA variant (its sampler `mode`) and what its first seed's run did."""
+
+    mode: str
+    q0: float | None = None  # the vulnerable group's weight at the start
+    q_final: float | None = None
+    perturbed_fraction: float | None = None  # of steps, where λ_t > 0 and ε was applied
+    vulnerable_draw_fraction: float | None = None  # of steps that drew the vulnerable group
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    enabled: bool = False
+    strategy: str | None = None
+    groups: dict[str, int] = field(default_factory=dict)  # rows per group
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        result = super().from_json(data)
+        result.variants = {name: Variant.from_json(v) for name, v in result.variants.items()}
+        return result
+
+    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        return {name: v.path(stage_dir, seed) for name, v in self.variants.items()}
 
 
 def config(spec: StudySpec) -> dict:
@@ -24,9 +53,7 @@ def config(spec: StudySpec) -> dict:
 def vaa_groups(ctx: StageContext, mix):
     """Each row's group: vulnerable if the vulnerability stage says so; look-alikes and task
     examples have no forgetting estimate and join the invulnerable group."""
-    import pandas as pd
-
-    groups = pd.read_csv(ctx.input_dir("vulnerability") / ctx.input_result("vulnerability")["groups_file"])
+    groups = ctx.input_result("vulnerability").groups(ctx.input_dir("vulnerability"))
     vulnerable = set(groups.loc[groups["group"] == "vulnerable", "id"])
     return mix["id"].isin(vulnerable)
 
@@ -37,22 +64,23 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    if not result.get("enabled"):
+def shown(result: Result, stage_dir: Path) -> dict:
+    if not result.enabled:
         return {}
-    return {"vaa": {"strategy": result["strategy"], "groups": result["groups"], "variants": {
-        name: {k: v[k] for k in ("mode", "q0", "q_final", "perturbed_fraction", "vulnerable_draw_fraction", *TRAIN_KEYS)}
-        for name, v in result["variants"].items()}}}
+    return {"vaa": {"strategy": result.strategy, "groups": result.groups, "variants": {
+        name: {"mode": v.mode, "q0": v.q0, "q_final": v.q_final, "perturbed_fraction": v.perturbed_fraction,
+               "vulnerable_draw_fraction": v.vulnerable_draw_fraction, **v.training()}
+        for name, v in result.variants.items()}}}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     from jobs.launch import strategy_name
     from jobs.records import InputError
     from jobs.vaa import SAMPLER_MODES, recipe, step_config
 
     spec, vaa = ctx.spec, ctx.spec.vaa
     if not vaa.enabled:
-        return {"enabled": False, "variants": {}}
+        return Result(enabled=False)
     data_dir = ctx.input_dir("data")
     mix = alignment_frame(data_dir, spec)
     is_vulnerable = vaa_groups(ctx, mix)
@@ -78,15 +106,13 @@ def run(ctx: StageContext) -> dict:
             history, path = next(histories), replicate_path(variant, seed, k == 0)
             run_id = _track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", history)
             if k == 0:
-                variants[variant] = {
-                    "model": path, "mode": SAMPLER_MODES[variant], "run_id": run_id, "q0": knobs[variant]["q0"],
-                    "q_final": history["q"][-1],
-                    "perturbed_fraction": sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
-                    "vulnerable_draw_fraction": sum(history["group"]) / len(history["group"]),
-                    **train_summary(history), "replicates": {}}
-            variants[variant]["replicates"][str(seed)] = path
-    return {"enabled": True, "strategy": strategy_name(spec.align_sft.model_dump()), "groups": sizes,
-            "variants": variants}
+                variants[variant] = Variant(
+                    model=path, mode=SAMPLER_MODES[variant], run_id=run_id, q0=knobs[variant]["q0"],
+                    q_final=history["q"][-1],
+                    perturbed_fraction=sum(e > 0 for e in history["eps_norm"]) / len(history["q"]),
+                    vulnerable_draw_fraction=sum(history["group"]) / len(history["group"]), **train_summary(history))
+            variants[variant].replicates[str(seed)] = path
+    return Result(enabled=True, strategy=strategy_name(spec.align_sft.model_dump()), groups=sizes, variants=variants)
 
 
 def _track_variant(ctx: StageContext, variant: str, history: dict) -> str:

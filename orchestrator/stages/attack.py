@@ -3,17 +3,51 @@ number at a time (SCIENCE.md §6)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import LISA, StudySpec
-from orchestrator.stage import (StageContext, aligned_models, ray_progress, run_bounded, run_name, scaling,
-                                train_summary)
+from orchestrator.stage import (StageContext, StageResult, TrainingSummary, ray_progress, run_bounded, run_name,
+                                scaling, train_summary)
 
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
 # How the cells are scheduled, which changes no cell's result (so not the stage's key).
 SCHEDULING = {"max_concurrent", "cells_per_group"}
+
+
+@dataclass(kw_only=True)
+class Cell(TrainingSummary):
+    """One attacked model: `model` fine-tuned on `task` with a fraction `p` of harmful examples,
+    from seed `seed`; its weights at `dir` in the stage."""
+
+    model: str  # the aligned model it attacked (`<model>+lisa`: under Lisa)
+    task: str
+    p: float
+    seed: int
+    name: str
+    dir: str
+    run_id: str | None = None
+    harmful_examples: int | None = None
+
+    def path(self, stage_dir: Path) -> str:
+        return str(stage_dir / self.dir)
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    cells: list[Cell] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        result = super().from_json(data)
+        result.cells = [Cell.from_json(c) for c in result.cells]
+        return result
+
+    def cells_of(self, model: str, p: float, seed: int) -> dict[str, Cell]:
+        """The cells that attacked `model` at `p` from `seed`, by task."""
+        return {c.task: c for c in self.cells if c.model == model and c.p == p and c.seed == seed}
 
 
 def config(spec: StudySpec) -> dict:
@@ -44,11 +78,11 @@ def resources(spec: StudySpec) -> str:
     return f"{len(attack_cells(spec))} cells in {len(cell_groups(spec))} run(s) of {scaling(k)}, {k.max_concurrent} at a time"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
+def shown(result: Result, stage_dir: Path) -> dict:
     return {}  # the evaluate stage scores the cells
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     """The attack cells on Ray Train with the attack's scaling: groups of cells, each group one
     worker group that trains its cells in turn, `attack.max_concurrent` groups at a time."""
     from jobs.recipes import attack_cells as train_cells
@@ -56,7 +90,7 @@ def run(ctx: StageContext) -> dict:
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
-    sources = {s: aligned_models(ctx, s) for s in spec.replicates}
+    sources = {s: ctx.models(s) for s in spec.replicates}
     train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent", "cells_per_group"})
     cells = attack_cells(spec)
     lisa = spec.defences.lisa.model_dump()
@@ -84,7 +118,7 @@ def run(ctx: StageContext) -> dict:
                                             "n": spec.attack.n})
             ctx.tracker.log_series(run_id, "train/loss", history["loss"])
             ctx.tracker.end_run(run_id)
-            done[i] = {**cell, "dir": f"cells/{cell['name']}/model", "run_id": run_id,
-                       "harmful_examples": history["harmful_examples"], **train_summary(history)}
-    return {"cells": [done[i] for i in range(len(cells))],
-            "peak_rss_mb": max(c.get("peak_rss_mb", 0.0) for c in done.values())}
+            done[i] = Cell(**cell, dir=f"cells/{cell['name']}/model", run_id=run_id,
+                           harmful_examples=history["harmful_examples"], **train_summary(history))
+    return Result(cells=[done[i] for i in range(len(cells))],
+                  peak_rss_mb=max(c.peak_rss_mb or 0.0 for c in done.values()))

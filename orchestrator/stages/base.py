@@ -3,14 +3,29 @@ or a pretrained causal LM by path or hub id."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, ray_progress, run_name, scaling, train_summary, training_shown
+from orchestrator.stage import StageContext, StageResult, TrainedModel, ray_progress, run_name, scaling, train_summary
 
 NAME = "base"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data',)
+
+
+@dataclass(kw_only=True)
+class Result(StageResult, TrainedModel):
+    """The base model: pretrained here (`model` inside the stage, with its training summary), or
+    a pretrained source by path or hub id (`model` as given, `model_in_stage` false)."""
+
+    model_in_stage: bool = True
+
+    def path(self, stage_dir: Path, seed: int | None = None) -> str:
+        return super().path(stage_dir) if self.model_in_stage else self.model
+
+    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        return {"base": self.path(stage_dir)}  # shared by every seed
 
 
 def config(spec: StudySpec) -> dict:
@@ -23,11 +38,11 @@ def resources(spec: StudySpec) -> str:
     return scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    return {"training": {NAME: training_shown(result)}} if "final_loss" in result else {}
+def shown(result: Result, stage_dir: Path) -> dict:
+    return {"training": {NAME: result.training()}} if result.final_loss is not None else {}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     from jobs.models import check_vocab, load_tokenizer
     from jobs.recipes import pretrain_tiny
 
@@ -35,10 +50,10 @@ def run(ctx: StageContext) -> dict:
     data_dir = ctx.input_dir("data")
     if spec.model.source != "tiny":
         check_vocab(spec.model.source, load_tokenizer(data_dir / "tokenizer"), spec.model.source)
-        return {"model": spec.model.source, "model_in_stage": False}
+        return Result(model=spec.model.source, model_in_stage=False)
     ctx.progress(f"pretraining on Ray Train ({spec.base.num_workers} worker(s))")
     history = pretrain_tiny(str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(),
                             spec.base.model_dump(), spec.seed, str(ctx.out / "model"), run_name(ctx, "base"),
                             str(ctx.ray_storage), ray_progress(ctx, "base"))
     ctx.tracker.log_series(ctx.run_id, "train/loss", history["loss"])
-    return {"model": "model", **train_summary(history)}
+    return Result(model="model", **train_summary(history))

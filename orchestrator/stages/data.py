@@ -3,14 +3,22 @@ contamination counted, a tokenizer trained, every split tokenized on Ray Data in
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec, spec_dict
-from orchestrator.stage import StageContext
+from orchestrator.stage import StageContext, StageResult
 
 NAME = "data"
 VERSION = 1  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ()
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    splits: dict[str, int] = field(default_factory=dict)  # rows per split
+    contamination: dict[str, int] = field(default_factory=dict)  # held-out prompts found in training corpora
+    tokenizer: str = "tokenizer"
 
 
 def config(spec: StudySpec) -> dict:
@@ -49,12 +57,12 @@ def resources(spec: StudySpec) -> str:
     return "Ray Data tasks (CPU)"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
+def shown(result: Result, stage_dir: Path) -> dict:
     """Held-out prompts found in training corpora, per held-out split (0 is the pass)."""
-    return {"contamination": result.get("contamination")}
+    return {"contamination": result.contamination}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     import ray
 
     from jobs.corpora import contamination, is_held_out, split_corpora, tokenize_batch
@@ -90,4 +98,4 @@ def run(ctx: StageContext) -> dict:
         ctx.tracker.log_dataset(ctx.run_id, rows, name, str(ctx.key_dir / name), context)
     ctx.tracker.log_metrics(ctx.run_id, {f"rows/{k}": v for k, v in counts.items()})
     ctx.tracker.log_metrics(ctx.run_id, {f"contamination/{k}": v for k, v in leaked.items()})
-    return {"splits": counts, "contamination": leaked, "tokenizer": "tokenizer"}
+    return Result(splits=counts, contamination=leaked)

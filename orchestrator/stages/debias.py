@@ -3,10 +3,11 @@ model, then evaluation with and without it and over a sweep of α and L."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, aligned_models, scaling, wait_all
+from orchestrator.stage import StageContext, StageResult, scaling, wait_all
 from orchestrator.stages.align_sft import train_sft
 
 OVER_ALIGNED = "over-aligned"
@@ -14,6 +15,19 @@ OVER_ALIGNED = "over-aligned"
 NAME = "debias"
 VERSION = 3  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    """Per debiased model: its bias norms per position, its rates without and with TSDI at
+    (α, L), and over the sweep of (α, L)."""
+
+    enabled: bool = False
+    alpha: float | None = None
+    length: int | None = None
+    reference: str | None = None
+    models: dict[str, dict] = field(default_factory=dict)
+    win_rate: float | None = None  # needs a judge that compares pairs; the world and prefix judges do not
 
 
 def config(spec: StudySpec) -> dict:
@@ -43,15 +57,16 @@ def resources(spec: StudySpec) -> str:
     return f"one task per model ({spec.decoding.worker()}){over}"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    if not result.get("enabled"):
+def shown(result: Result, stage_dir: Path) -> dict:
+    if not result.enabled:
         return {}
-    return {"debias": {**{k: result[k] for k in ("alpha", "length", "reference", "win_rate")},
+    return {"debias": {"alpha": result.alpha, "length": result.length, "reference": result.reference,
+                       "win_rate": result.win_rate,
                        "models": {name: {k: m[k] for k in ("without", "with", "sweep", "bias_norms")}
-                                  for name, m in result["models"].items()}}}
+                                  for name, m in result.models.items()}}}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     import ray
 
     from jobs.evaluate import evaluate_model
@@ -59,9 +74,9 @@ def run(ctx: StageContext) -> dict:
 
     spec, d = ctx.spec, ctx.spec.debias
     if not d.enabled:
-        return {"enabled": False}
+        return Result(enabled=False)
     data_dir = str(ctx.input_dir("data"))
-    aligned = aligned_models(ctx)
+    aligned = ctx.models()
     targets = debias_targets(ctx, aligned)
     cfg = d.model_dump(include={"prompts", "length", "pool", "continuation"})
     estimate = ray.remote(estimate_model_bias).options(num_cpus=1)
@@ -93,9 +108,8 @@ def run(ctx: StageContext) -> dict:
             "without": _metrics(without), "with": _metrics(with_),
             "sweep": [{"alpha": a, "length": n, **_metrics(evals[(name, a, n)])} for a, n in settings if a is not None],
         }
-    result = {"enabled": True, "alpha": d.alpha, "length": d.length, "reference": "base", "models": models,
-              "win_rate": None,  # needs a judge that compares pairs; the world and prefix judges do not
-              "peak_rss_mb": max(r["peak_rss_mb"] for r in evals.values())}
+    result = Result(enabled=True, alpha=d.alpha, length=d.length, reference="base", models=models,
+                    peak_rss_mb=max(r["peak_rss_mb"] for r in evals.values()))
     _track(ctx, result)
     return result
 
@@ -106,11 +120,11 @@ def _metrics(r: dict) -> dict:
             "helpfulness": sum(fa.values()) / max(1, len(fa))}
 
 
-def _track(ctx: StageContext, result: dict) -> None:
+def _track(ctx: StageContext, result: Result) -> None:
     from dashboards.plots import safety_helpfulness
 
     t = ctx.tracker
-    for name, m in result["models"].items():
+    for name, m in result.models.items():
         t.log_series(ctx.run_id, f"{name}/bias_norm", m["bias_norms"], steps=list(range(1, len(m["bias_norms"]) + 1)))
         for when in ("without", "with"):
             t.log_metrics(ctx.run_id, {f"{name}/{when}/{k}": v for k, v in m[when].items()})
@@ -119,6 +133,6 @@ def _track(ctx: StageContext, result: dict) -> None:
                                        for k in ("hs", "over_refusal", "helpfulness")})
         t.log_file(ctx.run_id, ctx.out / m["bias_file"], "bias")
     t.log_table(ctx.run_id, [{"model": name, "tsdi": when, **{k: v for k, v in m[when].items() if k != "hs_by_category"}}
-                             for name, m in result["models"].items() for when in ("without", "with")],
+                             for name, m in result.models.items() for when in ("without", "with")],
                 "debias_results.json")
-    t.log_file(ctx.run_id, safety_helpfulness(result["models"], ctx.out / "safety_helpfulness.png"), "plots")
+    t.log_file(ctx.run_id, safety_helpfulness(result.models, ctx.out / "safety_helpfulness.png"), "plots")

@@ -3,15 +3,31 @@ averaged over seeds with 95% intervals, the paired differences against SFT, the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import SHARED_BY_SEEDS, StageContext, aligned_models, wait_all
+from orchestrator.stage import SHARED_BY_SEEDS, StageContext, StageResult, wait_all
 from orchestrator.store import write_json
 
 NAME = "evaluate"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences', 'attack')
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    """Rates (fractions in [0, 1]) over seeds with their 95% intervals: per aligned model, per
+    attack cell, the paper's table, and the paired differences against SFT."""
+
+    judge: str
+    judge_warnings: list[str] = field(default_factory=list)
+    models: dict[str, dict] = field(default_factory=dict)  # model -> hs, hs_ci, over_refusal, fa, ...
+    attack: list[dict] = field(default_factory=list)  # one row per (model, task, p)
+    attack_table: list[dict] = field(default_factory=list)  # one row per (model, p)
+    comparisons: list[dict] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    intervals: dict | None = None  # level, what was resampled, method
 
 
 def config(spec: StudySpec) -> dict:
@@ -23,39 +39,38 @@ def resources(spec: StudySpec) -> str:
     return f"one task per model ({spec.decoding.worker()})"
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
+def shown(result: Result, stage_dir: Path) -> dict:
     return {
-        "judge": result["judge"], "models": result["models"],
+        "judge": result.judge, "models": result.models,
         "attack": [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_seed",
                                             "fa_by_seed", "hs_by_category", "over_refusal", "attack_run_id")}
-                   for row in result["attack"]],
-        "seeds": result.get("seeds"), "attack_table": result.get("attack_table", []),
-        "comparisons": result.get("comparisons", []), "intervals": result.get("intervals"),
-        "judge_warnings": result.get("judge_warnings", [])}
+                   for row in result.attack],
+        "seeds": result.seeds, "attack_table": result.attack_table, "comparisons": result.comparisons,
+        "intervals": result.intervals, "judge_warnings": result.judge_warnings}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     """Every aligned model (per seed) and every attack cell on the test prompts; rates averaged over
     seeds, with 95% intervals over seeds then prompts, and the paired differences against SFT."""
     import ray
 
     from jobs.evaluate import evaluate_model
     from jobs.intervals import levels, mean_ci, model_intervals, stack_seeds, table_intervals
-    from jobs.metrics import average_over_seeds, judge_warnings
+    from jobs.metrics import attack_table, average_over_seeds, judge_warnings
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
     targets = {}  # (model or cell, seed) -> (path, tasks)
     for seed in spec.replicates:
-        for name, path in aligned_models(ctx, seed).items():
+        for name, path in ctx.models(seed).items():
             if name not in SHARED_BY_SEEDS or seed == spec.replicates[0]:
                 targets[(name, seed)] = (path, spec.attack.tasks)
-    cells = ctx.input_result("attack")["cells"]
+    cells = ctx.input_result("attack").cells
     replicates: dict[tuple, list[tuple]] = {}  # (model, task, p) -> its cells' targets, one per seed
     for cell in cells:
-        target = (cell["name"], cell.get("seed", spec.seed))
-        targets[target] = (str(ctx.input_dir("attack") / cell["dir"]), [cell["task"]])
-        replicates.setdefault((cell["model"], cell["task"], cell["p"]), []).append(target)
+        target = (cell.name, cell.seed)
+        targets[target] = (cell.path(ctx.input_dir("attack")), [cell.task])
+        replicates.setdefault((cell.model, cell.task, cell.p), []).append(target)
     task = ray.remote(evaluate_model).options(**spec.decoding.ray_options())
     refs = {task.remote(path, data_dir, tasks, spec.decode_cfg(), 1): target
             for target, (path, tasks) in targets.items()}
@@ -73,11 +88,11 @@ def run(ctx: StageContext) -> dict:
         return average_over_seeds(per_seed), stack_seeds([outcomes[t] for t in seeded]), per_seed
 
     models = {}
-    for name in aligned_models(ctx):
+    for name in ctx.models():
         r, o, per_seed = over_seeds([(name, s) for s in spec.replicates if (name, s) in results])
         models[name] = {**_model_metrics(r), **model_intervals(o), "hs_by_seed": [x["hs"] for x in per_seed]}
     attack, paired = [], {}
-    first_cells = {(c["model"], c["task"], c["p"]): c for c in reversed(cells)}  # each key's first seed's cell
+    first_cells = {(c.model, c.task, c.p): c for c in reversed(cells)}  # each key's first seed's cell
     for (model, task_name, p), seeded in replicates.items():
         r, o, per_seed = over_seeds(seeded)
         paired[(model, task_name, p)] = o
@@ -85,7 +100,7 @@ def run(ctx: StageContext) -> dict:
                        "hs_ci": mean_ci(o["hs"]), "fa": r["fa"][task_name], "fa_ci": mean_ci(o["fa"][task_name]),
                        "hs_by_seed": [x["hs"] for x in per_seed], "fa_by_seed": [x["fa"][task_name] for x in per_seed],
                        "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"],
-                       "attack_run_id": first_cells[(model, task_name, p)]["run_id"]})
+                       "attack_run_id": first_cells[(model, task_name, p)].run_id})
     table = attack_table(attack, spec.attack.tasks)
     comparisons = table_intervals(table, paired, spec.attack.tasks)
     for name, m in models.items():
@@ -108,10 +123,10 @@ def run(ctx: StageContext) -> dict:
     if spec.tracking.log_texts:  # harmful text stays out of MLflow unless the spec asks for it
         ctx.tracker.log_json(ctx.run_id, {f"{n}@seed{s}": r["samples"] for (n, s), r in results.items()},
                              "samples.json")
-    return {"judge": spec.evaluate.judge, "judge_warnings": warnings, "models": models, "attack": attack,
-            "attack_table": table, "comparisons": comparisons, "seeds": spec.replicates,
-            "intervals": {"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results.values())}
+    return Result(judge=spec.evaluate.judge, judge_warnings=warnings, models=models, attack=attack,
+                  attack_table=table, comparisons=comparisons, seeds=spec.replicates,
+                  intervals={"level": 0.95, "resampled": levels(len(spec.replicates)), "method": "percentile bootstrap"},
+                  peak_rss_mb=max(r["peak_rss_mb"] for r in results.values()))
 
 
 def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str, dict]) -> None:
@@ -121,9 +136,9 @@ def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str,
     weights stay in the store (tag `saferay.weights`) unless `tracking.log_models: copy`;
     `tracking.register_models` adds a version of `<study>-<model>`."""
     spec, t = ctx.spec, ctx.tracker
-    paths = {(name, seed): path for seed in spec.replicates for name, path in aligned_models(ctx, seed).items()}
+    paths = {(name, seed): path for seed in spec.replicates for name, path in ctx.models(seed).items()}
     for (name, seed), r in per_seed.items():
-        source = ctx.input_runs.get(_trained_by(ctx, name), ctx.run_id)
+        source = ctx.input_runs.get(ctx.trained_by(name), ctx.run_id)
         own = f"{name}-seed{seed}"
         model_id = t.start_model(source, own, tags={
             "saferay.study": spec.study, "saferay.model": name, "saferay.seed": seed, "saferay.key": ctx.key,
@@ -135,31 +150,6 @@ def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str,
                                                                    "fa", "fa_ci")}})
         t.finish_model(model_id, source, copy_from=paths[(name, seed)] if spec.tracking.log_models == "copy" else None,
                        register_as=f"{spec.study}-{name}" if spec.tracking.register_models else None)
-
-
-def _trained_by(ctx: StageContext, name: str) -> str:
-    """The stage that trained aligned model `name`."""
-    if name in ("base", "sft"):
-        return {"base": "base", "sft": "align_sft"}[name]
-    return "align_vaa" if name in ctx.input_result("align_vaa").get("variants", {}) else "align_defences"
-
-
-def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
-    """The paper's table: one row per (model, p), HS and FA per task and their average."""
-    rows = []
-    for model in dict.fromkeys(r["model"] for r in attack):
-        for p in dict.fromkeys(r["p"] for r in attack):
-            cells = {r["task"]: r for r in attack if r["model"] == model and r["p"] == p}
-            if not cells:
-                continue
-            row = {"model": model, "p": p}
-            for t in tasks:
-                if t in cells:
-                    row[f"{t}/hs"], row[f"{t}/fa"] = cells[t]["hs"], cells[t]["fa"]
-            row["avg/hs"] = sum(c["hs"] for c in cells.values()) / len(cells)
-            row["avg/fa"] = sum(c["fa"] for c in cells.values()) / len(cells)
-            rows.append(row)
-    return rows
 
 
 def _model_metrics(r: dict) -> dict:

@@ -10,18 +10,36 @@ once per trial id, so a resumed sweep adds none twice.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, model_dir, run_name, scaling
+from orchestrator.stage import StageContext, StageResult, run_name, scaling
 from orchestrator.stages.align_sft import alignment_frame
 from orchestrator.stages.attack import SCHEDULING
 
 NAME = "tune"
 VERSION = 4  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'vulnerability', 'attack', 'evaluate')
+
+
+@dataclass(kw_only=True)
+class Result(StageResult):
+    """The sweep on validation: every finished trial, the Pareto front of (HS ↓, FA ↑), the
+    baselines, and the configuration the selection rule picks (with its test numbers)."""
+
+    enabled: bool = False
+    model: str | None = None  # the aligned model whose knobs were searched
+    p: float | None = None
+    tasks: list[str] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)
+    pareto: list[dict] = field(default_factory=list)
+    selected: dict | None = None
+    baselines: dict[str, dict | None] = field(default_factory=dict)
+    selection: dict | None = None  # on which split, by which rule
+    failed_trials: int = 0
 
 
 def config(spec: StudySpec) -> dict:
@@ -98,8 +116,8 @@ def _baseline(ctx: StageContext, model: str) -> dict | None:
     """A model's attack cells at the tuning ratio, evaluated on validation like the trials."""
     t = ctx.spec.tune
     first = ctx.spec.replicates[0]  # trials train from the study's first seed; so do their baselines
-    cells = {c["task"]: str(ctx.input_dir("attack") / c["dir"]) for c in ctx.input_result("attack")["cells"]
-             if c["model"] == model and c["p"] == t.p and c["task"] in t.tasks and c.get("seed", first) == first}
+    cells = {task: c.path(ctx.input_dir("attack")) for task, c in ctx.input_result("attack").cells_of(model, t.p, first).items()
+             if task in t.tasks}
     return _evaluate_cells(ctx, cells, "validation")
 
 
@@ -108,7 +126,7 @@ def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
     without an estimate; imported groups count 1 for vulnerable, 0 otherwise)."""
     spec = ctx.spec
     mix = alignment_frame(ctx.input_dir("data"), spec)
-    groups = pd.read_csv(ctx.input_dir("vulnerability") / ctx.input_result("vulnerability")["groups_file"])
+    groups = ctx.input_result("vulnerability").groups(ctx.input_dir("vulnerability"))
     if "forgot_total" not in groups:
         groups["forgot_total"] = (groups["group"] == "vulnerable").astype(float)
     return mix.merge(groups[["id", "forgot_total"]], on="id", how="left")
@@ -122,14 +140,16 @@ def resources(spec: StudySpec) -> str:
             f"{scaling(spec.align_sft)} and runs of {scaling(spec.attack)}")
 
 
-def shown(result: dict, stage_dir: Path) -> dict:
-    if not result.get("enabled"):
+def shown(result: Result, stage_dir: Path) -> dict:
+    if not result.enabled:
         return {}
-    tune = {k: result.get(k) for k in ("model", "selected", "pareto", "baselines", "p", "tasks", "failed_trials")}
-    return {"tune": {**tune, "trials": len(result["trials"])}, "selection": result.get("selection")}
+    return {"tune": {"model": result.model, "selected": result.selected, "pareto": result.pareto,
+                     "baselines": result.baselines, "p": result.p, "tasks": result.tasks,
+                     "failed_trials": result.failed_trials, "trials": len(result.trials)},
+            "selection": result.selection}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> Result:
     from ray import tune
 
     from jobs.models import load_tokenizer
@@ -137,11 +157,11 @@ def run(ctx: StageContext) -> dict:
 
     spec, t = ctx.spec, ctx.spec.tune
     if not t.enabled:
-        return {"enabled": False}
+        return Result(enabled=False)
     mix_path = ctx.out / "mix.parquet"
     _mix_with_forgetting(ctx).to_parquet(mix_path)
     data_dir = ctx.input_dir("data")
-    fixed = {"mix": str(mix_path), "base": model_dir(ctx.input_dir("base"), ctx.input_result("base")),
+    fixed = {"mix": str(mix_path), "base": ctx.models()["base"],
              "tokenizer": str(data_dir / "tokenizer"), "pad_id": load_tokenizer(data_dir / "tokenizer").pad_token_id,
              "data": str(data_dir), "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
              "threshold": spec.vulnerability.threshold, "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0],
@@ -188,23 +208,23 @@ def run(ctx: StageContext) -> dict:
         ctx.progress("the selected configuration on the test prompts")
         selected = {**selected, "test": _evaluate_cells(
             ctx, {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}, "test")}
-    result = {"enabled": True, "trials": sorted(rows, key=lambda r: r["trial_id"]), "pareto": pareto_front(rows),
-              "selected": selected, "baselines": {"sft": sft, t.model: default}, "model": t.model, "p": t.p, "tasks": t.tasks,
-              "selection": {"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",
-                            "reported_on_test": ["selected"]},
-              "failed_trials": len(grid) - len(rows)}
+    result = Result(enabled=True, trials=sorted(rows, key=lambda r: r["trial_id"]), pareto=pareto_front(rows),
+                    selected=selected, baselines={"sft": sft, t.model: default}, model=t.model, p=t.p, tasks=t.tasks,
+                    selection={"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",
+                               "reported_on_test": ["selected"]},
+                    failed_trials=len(grid) - len(rows))
     _track(ctx, result)
     return result
 
 
-def _track(ctx: StageContext, result: dict) -> None:
+def _track(ctx: StageContext, result: Result) -> None:
     """A run per trial, nested under this stage's run (created here: Ray's MLflow integration does
     not nest), skipped for trial ids that already have one (a resumed sweep)."""
     from dashboards.plots import pareto_plot
 
     t = ctx.tracker
     existing = t.children(ctx.run_id, "saferay.trial")
-    for row in result["trials"]:
+    for row in result.trials:
         if row["trial_id"] in existing:
             continue
         run = t.start_run(f"trial-{row['trial_id']}", parent=ctx.run_id, tags={"saferay.trial": row["trial_id"]})
@@ -212,9 +232,9 @@ def _track(ctx: StageContext, result: dict) -> None:
         t.log_metrics(run, {k: row[k] for k in ("hs", "fa", "q_final", "trial_seconds") if row[k] is not None})
         t.end_run(run)
     t.log_table(ctx.run_id, [{"trial_id": r["trial_id"], **r["config"], "hs": r["hs"], "fa": r["fa"]}
-                             for r in result["trials"]], "trials.json")
-    t.log_json(ctx.run_id, {"selected": result["selected"], "pareto": result["pareto"],
-                            "baselines": result["baselines"]}, "selected.json")
-    if result["selected"]:
-        t.log_metrics(ctx.run_id, {"selected/hs": result["selected"]["hs"], "selected/fa": result["selected"]["fa"]})
-    t.log_file(ctx.run_id, pareto_plot(result, ctx.out / "pareto.png"), "plots")
+                             for r in result.trials], "trials.json")
+    t.log_json(ctx.run_id, {"selected": result.selected, "pareto": result.pareto, "baselines": result.baselines},
+               "selected.json")
+    if result.selected:
+        t.log_metrics(ctx.run_id, {"selected/hs": result.selected["hs"], "selected/fa": result.selected["fa"]})
+    t.log_file(ctx.run_id, pareto_plot(result.to_json(), ctx.out / "pareto.png"), "plots")

@@ -3,18 +3,23 @@ single-process PyTorch loop of the same model, rows, global batch, steps and thr
 attack grid's parallel efficiency (many small runs at once).
 
 - 1 worker: the loop on Ray Train with one worker holding every core as threads, against the bare
-  loop with the same threads (target: ratio ≥ 0.9).
+  loop with the same threads (target: ratio ≥ 0.9); and the same run with the worker's other
+  threads allowed an OpenMP pool of their own (OMP_NUM_THREADS = its CPUs, as before
+  `jobs/launch.py::WORKER_ENV`), to show what that costs.
 - 2 workers: DDP (and ZeRO-2/3) with one thread each, against the bare loop with two threads
   (target for DDP: ratio ≥ 0.9): what splitting a tiny model over processes costs.
 - The grid: 4 attack-cell-sized runs, 2 at a time, wall time against the sum of their own times;
   and the same 4 cells in 2 worker groups that train theirs in turn, wall against wall.
 Tokens/s are counted inside the loop; the end-to-end figure adds worker start-up and model load.
+This machine's speed drifts by up to ±10% within minutes, so the loop's runs alternate with bare
+runs (bare, loop, bare, loop, bare) and each is set against the bare runs either side of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -66,6 +71,17 @@ def ray_train(model_dir: str, data: str, cfg: dict, pad_id: int, strategy: str, 
     return {"tokens_per_s": h["tokens"] / h["seconds"], "end_to_end_tokens_per_s": h["tokens"] / wall,
             "steps_tokens_per_s": h["tokens"] / (h["seconds"] - h["checkpoint_seconds"]),
             "checkpoint_seconds": h["checkpoint_seconds"], "steps": h["steps"], "seconds": h["seconds"], "wall": wall}
+
+
+def alternated(bare_run, loop_run, repeats: int = 2) -> tuple[list[dict], list[float], float]:
+    """`repeats` loop runs, each between two bare runs; their results, each one's ratio to the mean
+    of its two neighbours, and the mean of all bare runs (tokens/s)."""
+    bares, loops = [bare_run()["tokens_per_s"]], []
+    for _ in range(repeats):
+        loops.append(loop_run())
+        bares.append(bare_run()["tokens_per_s"])
+    ratios = [r["tokens_per_s"] / ((a + b) / 2) for r, a, b in zip(loops, bares, bares[1:])]
+    return loops, ratios, statistics.mean(bares)
 
 
 def steps_only(name: str, r: dict, bare_all: dict) -> dict:
@@ -135,31 +151,52 @@ def main(argv=None):
     rows.to_parquet(data)
 
     out = []
-    bare_all = bare(tiny_llama_like(model_dir), rows, cfg, tok.pad_token_id, threads=cores)
     bare_one = bare(tiny_llama_like(model_dir), rows, cfg, tok.pad_token_id, threads=1)
-    out.append({"name": "train/bare_pytorch", "value": bare_all["tokens_per_s"], "unit": "tokens/s",
-                "note": f"1 process x {cores} threads, {bare_all['steps']} steps"})
     ray.init(num_cpus=max(2, cores), include_dashboard=False, log_to_driver=False)
     try:
         storage = tempfile.mkdtemp(prefix="saferay-bench-ray-")
-        r = ray_train(model_dir, data, cfg, tok.pad_token_id, "ddp", 2, 1, storage, threads=cores)
-        out.append({"name": "train/ray_train_1worker", "value": r["tokens_per_s"], "unit": "tokens/s",
-                    "baseline": bare_all["tokens_per_s"], "ratio": r["tokens_per_s"] / bare_all["tokens_per_s"],
-                    "target": ">= 0.9", "note": f"1 worker x {cores} threads; fit() {r['wall']:.1f}s for {r['seconds']:.1f}s, "
-                                                f"{r['checkpoint_seconds']:.1f}s of it epoch checkpoints"})
+
+        def bare_run():
+            return bare(tiny_llama_like(model_dir), rows, cfg, tok.pad_token_id, threads=cores)
+
+        def loop(strategy, zero, workers, threads=1):
+            return lambda: ray_train(model_dir, data, cfg, tok.pad_token_id, strategy, zero, workers, storage, threads)
+
+        runs, ratios, baseline = alternated(bare_run, loop("ddp", 2, 1, cores))
+        bare_all = {"tokens_per_s": baseline}
+        out.append({"name": "train/bare_pytorch", "value": baseline, "unit": "tokens/s",
+                    "note": f"1 process x {cores} threads, {runs[0]['steps']} steps; mean of 3 runs"})
+        r = runs[-1]
+        out.append({"name": "train/ray_train_1worker", "value": statistics.mean(x["tokens_per_s"] for x in runs),
+                    "unit": "tokens/s", "baseline": baseline, "ratio": statistics.mean(ratios), "target": ">= 0.9",
+                    "note": f"1 worker x {cores} threads; ratios {', '.join(f'{x:.2f}' for x in ratios)} to the bare runs "
+                            f"beside them; fit() {r['wall']:.1f}s for {r['seconds']:.1f}s, {r['checkpoint_seconds']:.1f}s "
+                            "of it epoch checkpoints"})
         out.append(steps_only("train/ray_train_1worker_steps", r, bare_all))
-        for strategy, zero in (("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)):
+        from jobs import launch
+
+        kept, launch.WORKER_ENV = launch.WORKER_ENV, {"env_vars": {"OMP_NUM_THREADS": str(cores)}}
+        try:
+            pools, pool_ratios, around = alternated(bare_run, loop("ddp", 2, 1, cores), repeats=1)
+        finally:
+            launch.WORKER_ENV = kept
+        out.append({"name": "train/ray_train_1worker_two_omp_pools", "value": pools[0]["tokens_per_s"], "unit": "tokens/s",
+                    "baseline": around, "ratio": pool_ratios[0],
+                    "note": f"as train/ray_train_1worker, with the worker's other threads allowed an OpenMP pool of "
+                            f"{cores} (OMP_NUM_THREADS={cores}, as before WORKER_ENV)"})
+        for strategy, zero in (("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)):
             name = "ddp" if strategy == "ddp" else f"zero{zero}"
-            r = ray_train(model_dir, data, cfg, tok.pad_token_id, strategy, zero or 2, args.workers, storage)
-            out.append({"name": f"train/ray_train_{name}", "value": r["tokens_per_s"], "unit": "tokens/s",
-                        "baseline": bare_all["tokens_per_s"], "ratio": r["tokens_per_s"] / bare_all["tokens_per_s"],
+            runs, ratios, base = alternated(bare_run, loop(strategy, zero, args.workers), repeats=2 if name == "ddp" else 1)
+            r = runs[-1]
+            out.append({"name": f"train/ray_train_{name}", "value": statistics.mean(x["tokens_per_s"] for x in runs),
+                        "unit": "tokens/s", "baseline": base, "ratio": statistics.mean(ratios),
                         "target": ">= 0.9" if name == "ddp" else None,
                         "note": f"{args.workers} workers x 1 thread against 1 process x {cores} threads; {r['steps']} steps, "
-                                f"{r['checkpoint_seconds']:.1f}s of {r['seconds']:.1f}s epoch checkpoints"})
-            out.append(steps_only(f"train/ray_train_{name}_steps", r, bare_all))
+                                f"{r['checkpoint_seconds']:.1f}s of {r['seconds']:.1f}s epoch checkpoints; ratios "
+                                f"{', '.join(f'{x:.2f}' for x in ratios)} to the bare runs beside them"})
+            out.append(steps_only(f"train/ray_train_{name}_steps", r, {"tokens_per_s": base}))
             out.append({"name": f"train/ray_train_{name}_end_to_end", "value": r["end_to_end_tokens_per_s"],
-                        "unit": "tokens/s", "baseline": bare_all["tokens_per_s"],
-                        "ratio": r["end_to_end_tokens_per_s"] / bare_all["tokens_per_s"],
+                        "unit": "tokens/s", "baseline": base, "ratio": r["end_to_end_tokens_per_s"] / base,
                         "note": f"includes start-up: fit() took {r['wall']:.1f}s for {r['seconds']:.1f}s of training"})
         small = f"{model_dir}/cell.parquet"
         rows.iloc[:256].to_parquet(small)

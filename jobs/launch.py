@@ -32,6 +32,12 @@ def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
 
 
 SCALING_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "strategy", "zero_stage")
+# The training thread sets its own torch threads (`threads`); the worker's other threads get one.
+# GNU OpenMP keeps a thread pool per thread that has run parallel work, and once its pools hold
+# more threads than the worker has CPUs it stops spin-waiting between parallel regions: a second
+# pool of two threads beside the training thread's took a third of the loop's tokens/s on 2 CPUs
+# (bench/training.py, docs/results.md).
+WORKER_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
 
 
 def fit_group(cfgs: list[dict], name: str, storage: str, max_failures: int = 2) -> list[dict]:
@@ -56,7 +62,7 @@ def fit_group(cfgs: list[dict], name: str, storage: str, max_failures: int = 2) 
                                      resources_per_worker=None if gpu else {"CPU": cfg.get("cpus_per_worker", 1)}),
         # Resuming needs only the latest epoch checkpoint (at 7B, one is ~100 GB with optimizer states).
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env=WORKER_ENV))
     return _fit_keeping_ctrl_c(trainer, name)
 
 

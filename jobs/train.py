@@ -58,3 +58,9 @@ def make_schedule(optimizer, cfg: dict, total_steps: int):
 def count_target_tokens(batch: dict) -> int:
     """Tokens the shifted causal-LM loss scores (labels after the first position)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def target_tokens(prompt_ids, target_ids, max_len: int) -> int:
+    """`count_target_tokens` of these rows' collated batch, from their lengths alone: the target
+    positions that survive truncation to `max_len`, less position 0 (the shift scores none)."""
+    return sum(max(0, min(len(p) + len(t), max_len) - max(len(p), 1)) for p, t in zip(prompt_ids, target_ids))

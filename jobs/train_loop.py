@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from jobs.train import collate_numpy, count_target_tokens
+from jobs.train import collate_numpy, target_tokens
 
 COLUMNS = ("id", "prompt_ids", "target_ids")
 # Each stream's shuffling seed. VAA's two keep the ids they had since its first version.
@@ -100,7 +100,9 @@ def run_epochs(backend, step, streams: dict[str, RowStream], cfg: dict, steps_pe
                 batch["position"] = torch.arange(rank * micro, (rank + 1) * micro)
                 if device is not None:
                     batch = {k: v.to(device) for k, v in batch.items()}
-                local[name], counts[name] = batch, int(sum_ranks(float(count_target_tokens(batch))))
+                # Every rank holds the whole global batch, so each counts its tokens without a collective.
+                local[name] = batch
+                counts[name] = target_tokens(rows["prompt_ids"], rows["target_ids"], cfg["max_len"])
                 history["tokens_per_rank"] += int(batch["attention_mask"].sum())
             if isinstance(chosen, str):
                 out = step.take(backend, local[chosen], counts[chosen], sum_ranks)

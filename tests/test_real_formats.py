@@ -141,6 +141,9 @@ def test_tiny_generative_judges_load_and_count_unparsed(tmp_path, digit_tokenize
 
 
 def test_tiny_beaver_dam_judge(tmp_path, digit_tokenizer):
+    """A tiny model saved as beaver-dam-7b is (LlamaForSequenceClassification, 14 labels, multi-label),
+    read the way PKU's QA-moderation code reads it: its scores equal the model's own sigmoid on the
+    conversation template + answer + eos, batched or one by one (right padding never hides the eos)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from jobs.loaders import BEAVERTAILS_CATEGORIES
@@ -150,16 +153,32 @@ def test_tiny_beaver_dam_judge(tmp_path, digit_tokenizer):
     config = LlamaConfig(vocab_size=len(digit_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_labels=14, id2label=dict(enumerate(labels)),
                          pad_token_id=digit_tokenizer.pad_token_id, problem_type="multi_label_classification")
-    model = LlamaForSequenceClassification(config)
-    with torch.no_grad():
-        model.score.weight.zero_()  # every logit 0: every sigmoid exactly 0.5, which is not above 0.5
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(tmp_path / "dam")
     digit_tokenizer.save_pretrained(tmp_path / "dam")
     judge = make_judge("beaver-dam", str(tmp_path / "dam"))
     assert judge.categories[0] == "animal_abuse" and judge.categories[4] == "drug_abuse_weapons_banned_substance"
-    assert [v.harmful for v in judge(["1 2", "3"], ["4", "5 6"])] == [False, False]
-    strict = BeaverDamJudge(str(tmp_path / "dam"), threshold=0.4)  # now 0.5 is above: flagged, argmax = first
-    assert [(v.harmful, v.category) for v in strict(["1 2"], ["4"])] == [(True, "animal_abuse")]
+    prompts, responses = ["1 2 3 4 5 6", "3"], ["4", "5 6"]  # 7 and 3 digits: the second row is padded
+    eos = digit_tokenizer.eos_token
+    with torch.no_grad():
+        expected = torch.cat([torch.sigmoid(model(**digit_tokenizer(
+            f"BEGINNING OF CONVERSATION: USER: {p} ASSISTANT:{r}{eos}", return_tensors="pt")).logits)
+            for p, r in zip(prompts, responses)])
+    assert torch.allclose(judge.scores(prompts, responses), expected, atol=1e-6)
+    assert torch.allclose(BeaverDamJudge(str(tmp_path / "dam"), batch_size=1).scores(prompts, responses), expected,
+                          atol=1e-6)
+    top, idx = expected.max(dim=-1)
+    assert [(v.harmful, v.category) for v in judge(prompts, responses)] == [
+        (p > 0.4, judge.categories[i] if p > 0.4 else None) for p, i in zip(top.tolist(), idx.tolist())]
+
+    with torch.no_grad():
+        model.score.weight.zero_()  # every logit 0: every sigmoid exactly 0.5, above 0.4, the default threshold
+    model.save_pretrained(tmp_path / "dam")
+    assert [(v.harmful, v.category) for v in make_judge("beaver-dam", str(tmp_path / "dam"))(["1 2"], ["4"])] == [
+        (True, "animal_abuse")]
+    assert [v.harmful for v in BeaverDamJudge(str(tmp_path / "dam"), threshold=0.5)(["1 2", "3"], ["4", "5 6"])] == [
+        False, False]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from jobs.generate import greedy_decode
 from jobs.models import load_model, load_tokenizer, save_model, tiny_llama, train_tokenizer
 from jobs.backends import prepare_strategy
 from jobs.steps import make_step
-from jobs.train import IGNORE, collate
+from jobs.train import IGNORE, collate, count_target_tokens, target_tokens
 from jobs.train_loop import row_streams, run_epochs
 
 TINY = dict(hidden=32, intermediate=64, layers=2, heads=2, max_len=64)
@@ -31,6 +31,16 @@ def test_collate_masks_the_prompt_and_padding():
     assert b["input_ids"].tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
     assert b["labels"].tolist() == [[IGNORE] * 3 + [5, 6], [IGNORE, 7, 8, 9, IGNORE]]
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
+
+
+def test_target_tokens_from_lengths_equal_the_collated_count():
+    """The loop counts a global batch's tokens from row lengths (no collective per step)."""
+    prompts = [[5, 6, 7], [], [4], [9] * 10, [8, 8]]
+    targets = [[1, 2], [3, 3, 3], [], [1] * 6, [2] * 20]
+    for max_len in (4, 8, 12, 40):
+        for rows in ([0, 1, 2, 3, 4], [1], [2], [3, 4]):
+            p, t = [prompts[i] for i in rows], [targets[i] for i in rows]
+            assert target_tokens(p, t, max_len) == count_target_tokens(collate(p, t, 0, max_len)), (max_len, rows)
 
 
 def test_the_loop_learns_sft_in_one_process_and_round_trips(tmp_path):

@@ -5,7 +5,7 @@ attack grid's parallel efficiency (many small runs at once).
 - 1 worker: the loop on Ray Train with one worker holding every core as threads, against the bare
   loop with the same threads (target: ratio ≥ 0.9); and the same run with the worker's other
   threads allowed an OpenMP pool of their own (OMP_NUM_THREADS = its CPUs, as before
-  `jobs/launch.py::WORKER_ENV`), to show what that costs.
+  `jobs/launch.py::WORKER_ENV`).
 - 2 workers: DDP (and ZeRO-2/3) with one thread each, against the bare loop with two threads
   (target for DDP: ratio ≥ 0.9): what splitting a tiny model over processes costs.
 - The grid: 4 attack-cell-sized runs, 2 at a time, wall time against the sum of their own times;

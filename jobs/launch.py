@@ -34,9 +34,9 @@ def fit(cfg: dict, name: str, storage: str, max_failures: int = 2) -> dict:
 SCALING_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "strategy", "zero_stage")
 # The training thread sets its own torch threads (`threads`); the worker's other threads get one.
 # GNU OpenMP keeps a thread pool per thread that has run parallel work, and once its pools hold
-# more threads than the worker has CPUs it stops spin-waiting between parallel regions: a second
-# pool of two threads beside the training thread's took a third of the loop's tokens/s on 2 CPUs
-# (bench/training.py, docs/results.md).
+# more threads than there are CPUs it stops spin-waiting between parallel regions: in one process
+# on 2 CPUs, a training loop in a second thread ran at 0.55-0.65 of its speed once the main thread
+# had a pool of its own (docs/results.md). A Ray Train worker runs training in such a thread.
 WORKER_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
 
 

@@ -202,11 +202,19 @@ def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override 
         from rich.table import Table
 
         table = Table(title=f"plan: study {p['study']}", box=None)
-        for col in ("stage", "key", "cache", "asks the cluster for"):
+        for col in ("stage", "key", "cache", "asks the cluster for", "PFLOP", "GPU-hours"):
             table.add_column(col)
         for st in p["stages"]:
-            table.add_row(st["name"], st["key"], "cached" if st["cached"] else "to run", st["resources"])
+            hours = "?" if st["gpu_hours"] is None else f"{st['gpu_hours']:,.2f}"
+            table.add_row(st["name"], st["key"], "cached" if st["cached"] else "to run", st["resources"],
+                          f"{st['pflop']:,.3g}", hours)
         console.print(table)
+        c, a = p["compute"], p["compute"]["assumptions"]
+        unknown = [st["name"] for st in p["stages"] if st["gpu_hours"] is None]
+        console.print(f"compute: {c['total_gpu_hours']:,.1f} GPU-hours in all (upper bound: every row at "
+                      f"{a['sequence_length']} tokens; rows {a['rows']}; {a['flops']}; GPUs of {a['gpu_tflops']:g} "
+                      f"TFLOP/s at {a['train_utilisation']:.0%} when training, {a['decode_utilisation']:.0%} when "
+                      "decoding)" + (f"; not counted: {', '.join(unknown)} ({p['stages'][[s['name'] for s in p['stages']].index(unknown[0])]['unknown']})" if unknown else ""))
         m, t, mem = p["model"], p["training"], p["memory_per_worker_gib"]
         console.print(f"model: {m['parameters'] / 1e6:,.1f}M parameters ({m['trainable'] / 1e6:,.1f}M trainable), "
                       f"largest layer {m['largest_layer'] / 1e6:,.1f}M")

@@ -124,16 +124,25 @@ def training_memory(spec: StudySpec, shape: dict | None = None) -> tuple[int, in
 
 
 def make_plan(spec: StudySpec, store) -> dict:
+    from orchestrator.compute import compute
     from orchestrator.runner import plan
+    from orchestrator.stages import data
 
     a = spec.align_sft
     shape = model_shape(spec)
     states, acts = training_memory(spec, shape)
     resources = stage_resources(spec)
+    keys = dict((s.name, k) for s, k in plan(spec))
+    # The data stage's own row counts, once it has run: the compute estimate's sizes.
+    measured = data.Result.from_json(store.result("data", keys["data"])).splits \
+        if store.is_complete("data", keys["data"]) else None
+    work = compute(spec, shape["parameters"], measured)
     out = {
         "study": spec.study,
-        "stages": [{"name": s.name, "key": k, "cached": store.is_complete(s.name, k), "resources": resources[s.name]}
-                   for s, k in plan(spec)],
+        "stages": [{"name": name, "key": k, "cached": store.is_complete(name, k), "resources": resources[name],
+                    **{f: work["stages"][name][f] for f in ("pflop", "gpu_hours", "unknown")}}
+                   for name, k in keys.items()],
+        "compute": {"total_gpu_hours": work["total_gpu_hours"], "assumptions": work["assumptions"]},
         "model": {k: shape[k] for k in ("parameters", "trainable", "largest_layer")},
         "training": {"strategy": a.strategy + (f"-zero{a.zero_stage}" if a.strategy == "deepspeed" else ""),
                      "workers": a.num_workers, "gpu": a.use_gpu, "bf16": a.bf16, "offload": a.offload,

@@ -425,3 +425,8 @@ class ClusterSpec(Strict):
     # (s3://, gs://) that every node reaches. Default: <store>/ray.
     storage_path: str | None = None
     gpu_memory_gb: float | None = Field(None, gt=0)  # per GPU; `saferay plan` refuses plans that do not fit
+    # `saferay plan`'s GPU-hours (orchestrator/compute.py): one GPU's dense bf16 peak (A100: 312,
+    # H100 SXM: 989 TFLOP/s) and the fractions of it training and decoding reach.
+    gpu_tflops: float = Field(312.0, gt=0)
+    train_utilisation: float = Field(0.4, gt=0, le=1)
+    decode_utilisation: float = Field(0.1, gt=0, le=1)

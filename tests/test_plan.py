@@ -105,3 +105,63 @@ def test_decoding_memory_against_hand_computed_values(tmp_path):
     assert shared["decoding"]["memory_per_gpu_gib"] == pytest.approx(2 * vllm["decoding"]["memory_per_worker_gib"])
     assert shared["fits"] is False and shared["over"] == ["decoding needs 1.0 GiB per GPU"]
     assert plan(tmp_path, "smoke.yaml", "decoding.gpus_per_worker=0.5", "cluster.gpu_memory_gb=1.0")["fits"] is True
+
+
+def test_gpu_hours_against_hand_computed_values(tmp_path):
+    """`orchestrator/compute.py` on the smoke study, with the data stage's row counts in the store:
+    every stage's tokens, PFLOP and GPU-hours, computed here by hand from the spec's numbers."""
+    from orchestrator.plan import make_plan
+    from orchestrator.runner import plan as stage_keys
+    from orchestrator.spec import load_spec
+    from orchestrator.stages import data
+    from orchestrator.store import StudyStore, write_json
+
+    s = load_spec(ROOT / "studies/smoke.yaml", ["cluster.gpu_tflops=100", "cluster.train_utilisation=0.5",
+                                                  "cluster.decode_utilisation=0.25"])
+    splits = {"align_train": 150, "harmful": 150, "harmful_validation": 30, "harmful_eval": 30, "lookalike_train": 30,
+              "lookalike_validation": 10, "lookalike_eval": 10, "task_sentiment_train": 90,
+              "task_sentiment_validation": 20, "task_sentiment_test": 50, "task_topic_train": 15,
+              "task_topic_validation": 20, "task_topic_test": 40, "pretrain": 1500}
+    store = StudyStore(tmp_path, s.study)
+    with store.building("data", dict((st.name, k) for st, k in stage_keys(s))["data"]) as out:
+        write_json(out / "result.json", data.Result(splits=splits).to_json())
+    p = plan(tmp_path, "smoke.yaml", "cluster.gpu_tflops=100", "cluster.train_utilisation=0.5",
+             "cluster.decode_utilisation=0.25")
+    n, length = p["model"]["parameters"], 96
+    mix = 150 + 30 + 20 + 15  # alignment, answered look-alikes, 20 benign rows per task (topic has 15)
+    max_eval = 40
+    model_eval = 30 + 10 + max_eval  # harmful, look-alike and sentiment test prompts (50 cut to 40)
+    tokens = {  # (trained, decoded) tokens per stage
+        "base": (1500 * 4 * length, 0),  # 4 epochs of pretraining
+        "align_sft": (mix * 2 * 1 * length, 0),  # 2 seeds, 1 epoch
+        "vulnerability": (2 * 60 * 2 * length, 150 * (1 + 2 * 3) * length),  # 2 proxy runs of 60 rows × 2 epochs; T = 3
+        "align_vaa": (mix * 2 * 2 * 2 * length * 2, 0),  # 2 variants × 2 seeds × 2 epochs, two passes a step
+        "attack": (2 * 1 * 2 * 2 * 60 * 1 * length, 0),  # 2 models × 1 task × 2 ratios × 2 seeds, 60 rows, 1 epoch
+        "evaluate": (0, (7 * model_eval + 2 * 2 * 2 * (30 + max_eval)) * length),  # base + 3 models × 2 seeds; 8 cells
+        # The over-aligned model (no look-alikes, 2 epochs); 3 models × (64 bias prompts × 2 + 3 settings' evaluations).
+        "debias": ((150 + 20 + 15) * 2 * length, 3 * (2 * 64 + 3 * model_eval) * length),
+        "data": (0, 0), "align_defences": (0, 0), "tune": (0, 0)}
+    total = 0.0
+    for st in p["stages"]:
+        train, decode = tokens[st["name"]]
+        hours = (6 * n * train / 0.5 + 2 * n * decode / 0.25) / 100e12 / 3600
+        assert st["pflop"] == pytest.approx((6 * n * train + 2 * n * decode) / 1e15, rel=1e-9), st["name"]
+        assert st["gpu_hours"] == pytest.approx(hours, rel=1e-9), st["name"]
+        total += hours
+    assert p["compute"]["total_gpu_hours"] == pytest.approx(total, rel=1e-9)
+    assert p["compute"]["assumptions"]["rows"] == "measured by the data stage"
+
+
+def test_gpu_hours_of_the_7b_spec_and_what_cannot_be_counted(tmp_path):
+    p = plan(tmp_path, "vaa-llama2-7b.yaml")
+    n = p["model"]["parameters"]
+    attack = next(st for st in p["stages"] if st["name"] == "attack")
+    # 6 models × 4 tasks × 3 ratios = 72 cells of 1,000 rows × 5 epochs × 512 tokens, on 312 TFLOP/s at 40%.
+    assert attack["gpu_hours"] == pytest.approx(6 * n * 72 * 1000 * 5 * 512 / (312e12 * 0.4) / 3600, rel=1e-9)
+    assert p["compute"]["total_gpu_hours"] == pytest.approx(sum(st["gpu_hours"] for st in p["stages"]), rel=1e-9)
+    # A corpus of no known size (the look-alikes file, without corpora.limits) that alignment trains on.
+    q = plan(tmp_path, "vaa-llama2-7b.yaml", "align_sft.lookalike=true")
+    sft = next(st for st in q["stages"] if st["name"] == "align_sft")
+    assert sft["gpu_hours"] is None and "lookalike_train" in sft["unknown"] and "--until data" in sft["unknown"]
+    assert q["compute"]["total_gpu_hours"] == pytest.approx(
+        sum(st["gpu_hours"] for st in q["stages"] if st["gpu_hours"] is not None), rel=1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -47,7 +48,8 @@ class StageContext:
 
 
 class JsonFields:
-    """A dataclass stored as JSON, a key per field."""
+    """A dataclass stored as JSON, a key per field; a field typed `list[X]` or `dict[str, X]` of
+    such dataclasses X reads back as X."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,7 +57,17 @@ class JsonFields:
     @classmethod
     def from_json(cls, data: dict):
         """From its JSON; keys this version does not have (an older one wrote them) are left out."""
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _typed(hints[f.name], data[f.name]) for f in fields(cls) if f.name in data})
+
+
+def _typed(hint, value):
+    """`value` read as `hint` where that is a list or str-keyed dict of JsonFields dataclasses."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    kind = args[-1] if origin in (list, dict) and args else None
+    if not (isinstance(kind, type) and issubclass(kind, JsonFields)):
+        return value
+    return [kind.from_json(v) for v in value] if origin is list else {k: kind.from_json(v) for k, v in value.items()}
 
 
 @dataclass(kw_only=True)

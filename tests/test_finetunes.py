@@ -61,3 +61,46 @@ def test_proxy_run_saves_its_checkpoints_in_every_strategy(study, tmp_path):
     last = {n: load_file(tmp_path / n / "ckpt-03" / "model.safetensors") for n in runs}
     for k, v in last["ddp"].items():
         assert torch.allclose(last["zero2"][k], v, rtol=1e-3, atol=1e-5), k
+
+
+def test_a_tune_trials_vaa_run_under_ddp_zero2_and_lora(study, tmp_path):
+    """A Tune trial's own fine-tune (jobs/tune_trial.py::vaa_run, then `fit`, as `trial` does)
+    takes align_sft's scaling: under 2-worker DDP and ZeRO-2 the same losses and q; with LoRA only
+    the adapted weights move. (Its attack cells are `attack_cell`, tested above.)"""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from conftest import ROOT
+    from jobs.launch import fit
+    from jobs.models import load_tokenizer
+    from jobs.recipes import alignment_mix
+    from jobs.tune_trial import vaa_run
+    from orchestrator.spec import load_spec
+
+    data, _ = study
+    spec = load_spec(ROOT / "studies/smoke.yaml")
+    stages = Path(data).parent.parent  # the smoke study's stages
+    base = str(next(p for p in (stages / "base").iterdir() if (p / "model").exists()) / "model")
+    groups = pd.read_csv(next((stages / "vulnerability").glob("*/groups.csv")))
+    mix = alignment_mix(data, True, spec.align_sft.benign_per_task, 0).merge(
+        groups[["id", "forgot_total"]], on="id", how="left")
+    mix.to_parquet(tmp_path / "mix.parquet")
+    fixed = {"mix": str(tmp_path / "mix.parquet"), "base": base, "tokenizer": f"{data}/tokenizer",
+             "pad_id": load_tokenizer(f"{data}/tokenizer").pad_token_id, "vaa": spec.vaa.model_dump(mode="json"),
+             "threshold": 0.0, "seed": 0, "max_len": spec.model.tiny.max_len}
+    align = {**spec.align_sft.model_dump(), "epochs": 1}
+    runs = {}
+    for name, scaling in (("ddp", DDP), ("zero2", ZERO2),
+                          ("lora", {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0,
+                                             "target_modules": ["q_proj", "v_proj"]}})):
+        (tmp_path / name).mkdir()
+        cfg, notes = vaa_run({"vaa.rho": 0.4, "vaa.epochs": 1}, {**fixed, "align": {**align, **scaling}}, tmp_path / name)
+        assert "error" not in notes, notes
+        assert cfg["strategy"] == scaling.get("strategy", align["strategy"]), name
+        runs[name] = fit(cfg, f"trial-{name}", str(tmp_path / "ray"))
+    assert runs["zero2"]["loss"] == pytest.approx(runs["ddp"]["loss"], rel=1e-4)
+    assert runs["zero2"]["q"] == pytest.approx(runs["ddp"]["q"], rel=1e-4) and len(set(runs["ddp"]["q"])) > 1
+    before, after = load_file(f"{base}/model.safetensors"), load_file(tmp_path / "lora/aligned/model.safetensors")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), sorted(moved)[:4]

@@ -29,12 +29,6 @@ class Result(StageResult):
     defences: dict[str, Defence] = field(default_factory=dict)
     harmful_rows: int = 0  # of the harmful corpus, drawn by Booster and RepNoise (the attack leaves them out)
 
-    @classmethod
-    def from_json(cls, data: dict):
-        result = super().from_json(data)
-        result.defences = {name: Defence.from_json(d) for name, d in result.defences.items()}
-        return result
-
     def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {name: d.path(stage_dir, seed) for name, d in self.defences.items()}
 

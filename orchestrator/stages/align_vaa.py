@@ -34,12 +34,6 @@ class Result(StageResult):
     groups: dict[str, int] = field(default_factory=dict)  # rows per group
     variants: dict[str, Variant] = field(default_factory=dict)
 
-    @classmethod
-    def from_json(cls, data: dict):
-        result = super().from_json(data)
-        result.variants = {name: Variant.from_json(v) for name, v in result.variants.items()}
-        return result
-
     def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {name: v.path(stage_dir, seed) for name, v in self.variants.items()}
 

@@ -39,12 +39,6 @@ class Cell(TrainingSummary):
 class Result(StageResult):
     cells: list[Cell] = field(default_factory=list)
 
-    @classmethod
-    def from_json(cls, data: dict):
-        result = super().from_json(data)
-        result.cells = [Cell.from_json(c) for c in result.cells]
-        return result
-
     def cells_of(self, model: str, p: float, seed: int) -> dict[str, Cell]:
         """The cells that attacked `model` at `p` from `seed`, by task."""
         return {c.task: c for c in self.cells if c.model == model and c.p == p and c.seed == seed}

@@ -116,8 +116,8 @@ def _baseline(ctx: StageContext, model: str) -> dict | None:
     """A model's attack cells at the tuning ratio, evaluated on validation like the trials."""
     t = ctx.spec.tune
     first = ctx.spec.replicates[0]  # trials train from the study's first seed; so do their baselines
-    cells = {task: c.path(ctx.input_dir("attack")) for task, c in ctx.input_result("attack").cells_of(model, t.p, first).items()
-             if task in t.tasks}
+    cells = ctx.input_result("attack").cells_of(model, t.p, first)
+    cells = {task: c.path(ctx.input_dir("attack")) for task, c in cells.items() if task in t.tasks}
     return _evaluate_cells(ctx, cells, "validation")
 
 

@@ -36,15 +36,15 @@ class StageContext:
         return self.inputs[name][1]
 
     def models(self, seed: int | None = None) -> dict[str, str]:
-        """Every model the stages this one needs have trained (`StageResult.models`), by name."""
+        """Every model the stages this one needs have trained (`StageResult.trained_models`), by name."""
         found: dict[str, str] = {}
         for name, (stage_dir, result) in self.inputs.items():
-            found |= result.models(stage_dir, seed)
+            found |= result.trained_models(stage_dir, seed)
         return found
 
     def trained_by(self, model: str) -> str:
         """The needed stage that trained `model`."""
-        return next(name for name, (stage_dir, result) in self.inputs.items() if model in result.models(stage_dir))
+        return next(name for name, (stage_dir, result) in self.inputs.items() if model in result.trained_models(stage_dir))
 
 
 class JsonFields:
@@ -74,13 +74,14 @@ def _typed(hint, value):
 class StageResult(JsonFields):
     """What a stage's `run` returns: stored as its result.json and logged to its MLflow run. Each
     stage module declares its own subclass, `Result`; `plan`, `show`, the report and other
-    stages read it through that class (its fields, `models`, the module's `shown`), never by
-    parsing another stage's JSON."""
+    stages read it through that class (its fields, `trained_models`, the module's `shown`), never
+    by parsing another stage's JSON. (Not `models`: the evaluate and debias results have a field of
+    that name, their rates per model.)"""
 
     seconds: float | None = None  # the stage's own time, set by the runner
     peak_rss_mb: float | None = None
 
-    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         """The models this stage trained, {name: directory}, as trained from `seed` (default: the
         first seed's). A stage that trains none has none."""
         return {}

@@ -38,7 +38,7 @@ def test_results_round_trip_through_their_json_and_ignore_keys_they_lack(tmp_pat
 
 
 def test_a_stage_finds_the_models_its_inputs_trained_by_seed(tmp_path):
-    dirs = {n: tmp_path / n for n in ("data", "base", "align_sft", "align_vaa", "align_defences", "attack")}
+    dirs = {n: tmp_path / n for n in ("data", "base", "align_sft", "align_vaa", "align_defences", "attack", "evaluate")}
     inputs = {
         "data": BY_NAME["data"].result(splits={"align_train": 10}),
         "base": base.Result(model="model"),
@@ -46,6 +46,8 @@ def test_a_stage_finds_the_models_its_inputs_trained_by_seed(tmp_path):
         "align_vaa": align_vaa.Result(enabled=True, variants={"vaa": align_vaa.Variant(mode="dro", **trained("vaa"))}),
         "align_defences": align_defences.Result(defences={"booster": align_defences.Defence(**trained("booster"))}),
         "attack": attack.Result(cells=[attack.Cell(model="sft", task="t", p=0.1, seed=1, name="c", dir="cells/c/model")]),
+        # Rates per model (a field called `models`), which the tune stage needs: not models it trained.
+        "evaluate": BY_NAME["evaluate"].result(judge="world", models={"sft": {"hs": 0.5}}),
     }
     ctx = StageContext(spec=None, key="k", out=tmp_path / "out", inputs={n: (dirs[n], r) for n, r in inputs.items()},
                        tracker=None, run_id="r", ray_storage=tmp_path)

@@ -4,7 +4,7 @@ reads), `config(spec)` (the slice of the spec it depends on: its key hashes that
 inputs' keys), `run(ctx)` (writes outputs into a private directory, returns its result),
 `resources(spec)` (what it asks of the cluster, for `saferay plan`), `shown(result, dir)` (its
 part of `saferay show`) and `Result` (what `run` returns, a `StageResult`: other stages read it
-through its fields and `models`, never a stage's JSON by key).
+through its fields and `trained_models`, never a stage's JSON by key).
 
 Stages decide where work runs (Ray Train runs, Ray Data, Ray tasks); the work itself is in `jobs/`.
 """

@@ -29,7 +29,7 @@ class Result(StageResult):
     defences: dict[str, Defence] = field(default_factory=dict)
     harmful_rows: int = 0  # of the harmful corpus, drawn by Booster and RepNoise (the attack leaves them out)
 
-    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {name: d.path(stage_dir, seed) for name, d in self.defences.items()}
 
 

@@ -34,7 +34,7 @@ class Result(StageResult, TrainedModel):
     rows: int | None = None  # the alignment mix's rows
     resumed_from_epoch: int | None = None
 
-    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {"sft": self.path(stage_dir, seed)}
 
 

@@ -34,7 +34,7 @@ class Result(StageResult):
     groups: dict[str, int] = field(default_factory=dict)  # rows per group
     variants: dict[str, Variant] = field(default_factory=dict)
 
-    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {name: v.path(stage_dir, seed) for name, v in self.variants.items()}
 
 

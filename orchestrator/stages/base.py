@@ -24,7 +24,7 @@ class Result(StageResult, TrainedModel):
     def path(self, stage_dir: Path, seed: int | None = None) -> str:
         return super().path(stage_dir) if self.model_in_stage else self.model
 
-    def models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
         return {"base": self.path(stage_dir)}  # shared by every seed
 
 

@@ -12,13 +12,28 @@ log = logging.getLogger("saferay")
 
 
 def _monitor_class():
+    import psutil
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     class StageMonitor(SystemMetricsMonitor):
+        started = False
+
+        def collect_metrics(self):
+            # psutil's CPU percentage covers the time since its previous call, so the sample MLflow
+            # takes as the stage starts measures nothing of the stage (0.0 on a process's first
+            # call): it only marks the start.
+            if not self.started:
+                self.started = True
+                psutil.cpu_percent()
+                return {}
+            return super().collect_metrics()
+
         def finish(self):
-            """MLflow's `finish` drops the samples since the last interval; a stage shorter than
-            one interval would log none."""
+            """MLflow's `finish` drops the samples since the last interval; a closing sample covers
+            them (all of a stage shorter than one interval)."""
             super().finish()
+            if self.started:
+                super().collect_metrics()
             last = self.aggregate_metrics()
             try:  # samples are not worth failing a stage for (a tracking server gone, say)
                 if last:

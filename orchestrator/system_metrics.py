@@ -19,21 +19,29 @@ def _monitor_class():
         started = False
 
         def collect_metrics(self):
-            # psutil's CPU percentage covers the time since its previous call, so the sample MLflow
-            # takes as the stage starts measures nothing of the stage (0.0 on a process's first
-            # call): it only marks the start.
+            # psutil's CPU percentage covers the time since the calling thread's previous call, so
+            # the sample MLflow takes as the stage starts, a new thread's first, measures nothing of
+            # the stage (0.0): it only marks the start.
             if not self.started:
                 self.started = True
                 psutil.cpu_percent()
                 return {}
             return super().collect_metrics()
 
+        def monitor(self):
+            try:
+                super().monitor()
+            finally:
+                # A closing sample, on this thread (psutil keeps its state per thread): the time
+                # since the last sample, which MLflow's loop drops at shutdown (all of a stage
+                # shorter than one interval).
+                if self.started:
+                    super().collect_metrics()
+
         def finish(self):
-            """MLflow's `finish` drops the samples since the last interval; a closing sample covers
-            them (all of a stage shorter than one interval)."""
+            """MLflow's `finish` joins the sampling thread but logs nothing of what it sampled since
+            its last interval: log that."""
             super().finish()
-            if self.started:
-                super().collect_metrics()
             last = self.aggregate_metrics()
             try:  # samples are not worth failing a stage for (a tracking server gone, say)
                 if last:

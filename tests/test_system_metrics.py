@@ -13,9 +13,12 @@ def test_a_stage_shorter_than_one_interval_logs_its_own_cpu_use(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("sys", artifact_location=str(tmp_path / "a"))).info.run_id
-    # psutil measures CPU since its previous call: here, just before the stage starts, so a
-    # sample taken as it starts covers no time at all.
+    # psutil measures CPU since the calling thread's previous call. This thread's was 6 idle
+    # seconds before the stage: a closing sample taken here would see a fifth of the stage's use.
+    # (A sample taken as the stage starts, a new thread's first, covers almost no time: it mostly
+    # reads 0.0, which fails here, but reads anything when a clock tick falls inside it.)
     psutil.cpu_percent()
+    time.sleep(6)
     monitor = _monitor_class()(run_id, sampling_interval=10, resume_logging=True, tracking_uri=uri)
     monitor.start()
     busy_until = time.perf_counter() + 2.0

@@ -164,7 +164,9 @@ class BeaverDamJudge:
         """Each (prompt, response)'s probability per category, [rows, 14]."""
         texts, out = self.texts(prompts, responses), []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+            # (A tokenizer without a pad token refuses to pad even one row.)
+            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
+                                   padding=self.batch_size > 1,
                                    truncation=True, max_length=self.max_length)
             out.append(torch.sigmoid(self.model(**batch).logits.float()))
         return torch.cat(out)

@@ -1,6 +1,7 @@
 """Real corpora and judges without a hub: small files written in each source's own format, a
 saved `datasets` folder, and tiny random judge models saved locally and loaded by the real code."""
 
+import copy
 import json
 
 import pandas as pd
@@ -167,6 +168,12 @@ def test_tiny_beaver_dam_judge(tmp_path, digit_tokenizer):
             for p, r in zip(prompts, responses)])
     assert torch.allclose(judge.scores(prompts, responses), expected, atol=1e-6)
     assert torch.allclose(BeaverDamJudge(str(tmp_path / "dam"), batch_size=1).scores(prompts, responses), expected,
+                          atol=1e-6)
+    no_pad = copy.deepcopy(digit_tokenizer)
+    no_pad.pad_token = None  # PKU's judge may come without one: it reads one row at a time
+    model.save_pretrained(tmp_path / "dam-no-pad")
+    no_pad.save_pretrained(tmp_path / "dam-no-pad")
+    assert torch.allclose(make_judge("beaver-dam", str(tmp_path / "dam-no-pad")).scores(prompts, responses), expected,
                           atol=1e-6)
     top, idx = expected.max(dim=-1)
     assert [(v.harmful, v.category) for v in judge(prompts, responses)] == [

@@ -105,8 +105,9 @@ class Counter:
                 + sum(self.held_out(f"task_{t}_{suffix[2]}") for t in self.spec.attack.tasks))
 
     def cell_eval(self, task: str, split: str = "test") -> float:
-        harmful = "harmful_eval" if split == "test" else "harmful_validation"
-        return self.held_out(harmful) + self.held_out(f"task_{task}_{split}")
+        """Prompts one attack cell is evaluated on: harmful, look-alike and its task's."""
+        side = "eval" if split == "test" else "validation"
+        return self.held_out(f"harmful_{side}") + self.held_out(f"lookalike_{side}") + self.held_out(f"task_{task}_{split}")
 
 
 def _base(c: Counter) -> Work:
@@ -187,7 +188,10 @@ def _tune(c: Counter) -> Work:
     else:
         trials = t.num_samples
     passes = PASSES["vaa"] if t.model == "vaa" else PASSES[t.model]
-    per_trial = (c.train(c.alignment_mix(), s.align_sft.epochs, passes) + c.train(len(t.tasks) * s.attack.n, s.attack.epochs)
+    # A trial aligns as its stage would (VAA's epochs; Booster and RepNoise also train on the harmful rows).
+    rows = c.alignment_mix() + (s.defences.harmful_rows if t.model in ("booster", "repnoise") else 0)
+    epochs = (s.vaa.epochs or s.align_sft.epochs) if t.model == "vaa" else s.align_sft.epochs
+    per_trial = (c.train(rows, epochs, passes) + c.train(len(t.tasks) * s.attack.n, s.attack.epochs)
                  + c.decode(sum(c.cell_eval(task, "validation") for task in t.tasks)))
     # Baselines (SFT's and the tuned model's cells) on validation, and the selected trial's on test.
     evals = c.decode(sum(2 * c.cell_eval(task, "validation") + c.cell_eval(task) for task in t.tasks))

@@ -137,7 +137,8 @@ def test_gpu_hours_against_hand_computed_values(tmp_path):
         "vulnerability": (2 * 60 * 2 * length, 150 * (1 + 2 * 3) * length),  # 2 proxy runs of 60 rows × 2 epochs; T = 3
         "align_vaa": (mix * 2 * 2 * 2 * length * 2, 0),  # 2 variants × 2 seeds × 2 epochs, two passes a step
         "attack": (2 * 1 * 2 * 2 * 60 * 1 * length, 0),  # 2 models × 1 task × 2 ratios × 2 seeds, 60 rows, 1 epoch
-        "evaluate": (0, (7 * model_eval + 2 * 2 * 2 * (30 + max_eval)) * length),  # base + 3 models × 2 seeds; 8 cells
+        # base + 3 models × 2 seeds; 8 cells, each on the harmful, look-alike and sentiment prompts too
+        "evaluate": (0, (7 * model_eval + 2 * 2 * 2 * (30 + 10 + max_eval)) * length),
         # The over-aligned model (no look-alikes, 2 epochs); 3 models × (64 bias prompts × 2 + 3 settings' evaluations).
         "debias": ((150 + 20 + 15) * 2 * length, 3 * (2 * 64 + 3 * model_eval) * length),
         "data": (0, 0), "align_defences": (0, 0), "tune": (0, 0)}

@@ -14,7 +14,7 @@ from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import BY_NAME, STAGES, Stage, StageContext
 from orchestrator.store import StudyStore, stage_key, write_json
-from orchestrator.system_metrics import system_metrics
+from orchestrator.system_metrics import cpu_description, system_metrics
 from orchestrator.tracking import Tracker, default_tracking_uri
 from orchestrator.tracking_journal import Journal
 
@@ -123,7 +123,8 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
         tracker.set_tag(parent, "saferay.resumes", state["resumes"])
     else:
         parent = tracker.start_run(f"{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={"saferay.study": spec.study, "saferay.host": socket.gethostname()})
+                                   tags={"saferay.study": spec.study, "saferay.host": socket.gethostname(),
+                                         "saferay.cpu": cpu_description()})
         tracker.log_params(parent, spec_dict(spec))
         state = {"study": spec.study, "status": "running", "started": time.time(), "spec": spec_dict(spec),
                  "stages": [{"name": s.name, "key": k, "status": "pending", "seconds": None} for s, k in steps],

@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 log = logging.getLogger("saferay")
+
+
+def cpu_description() -> str:
+    """The driver's CPU and the widest vector instructions it has ("Intel(R) Xeon(R) Processor;
+    amx"): the same study gives different numbers on CPUs whose kernels round differently
+    (docs/results.md), so each study run records where it ran."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    model = next((v.strip() for k, v in fields.items() if k.strip() in ("model name", "Model", "cpu model")),
+                 platform.machine())
+    flags = set(next((v.split() for k, v in fields.items() if k.strip() in ("flags", "Features")), []))
+    widest = next((f for f in ("amx_tile", "avx512f", "avx2", "sve", "asimd") if f in flags), "none known")
+    return f"{model}; {widest}"
 
 
 def _monitor_class():

@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, SMOKE, saferay
+from orchestrator.system_metrics import cpu_description
 
 pytestmark = pytest.mark.slow
 STAGES = ["data", "base", "align_sft", "vulnerability", "align_vaa", "align_defences", "attack", "evaluate", "debias",
@@ -93,6 +94,8 @@ def test_mlflow_run_tree(smoke_store):
     by_id = {r.info.run_id: r for r in runs}
     parent = by_id[s["mlflow"]["run_id"]]
     assert parent.info.status == "FINISHED" and parent.data.params["attack.n"] == "60"
+    # Where it ran: numbers differ between CPUs whose kernels round differently.
+    assert parent.data.tags["saferay.cpu"] == cpu_description() and ";" in parent.data.tags["saferay.cpu"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     stage_runs = {r.info.run_name: r for r in children}

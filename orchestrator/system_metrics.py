@@ -14,7 +14,7 @@ log = logging.getLogger("saferay")
 
 def cpu_description() -> str:
     """The driver's CPU and the widest vector instructions it has ("Intel(R) Xeon(R) Processor;
-    amx"): the same study gives different numbers on CPUs whose kernels round differently
+    amx_tile"): the same study gives different numbers on CPUs whose kernels round differently
     (docs/results.md), so each study run records where it ran."""
     import platform
 

@@ -97,17 +97,26 @@ class Counter:
     def decode(self, prompts: float) -> Work:
         return Work(decode_tokens=prompts * self.length * self.judged)
 
+    def evaluated(self, tasks: list[str], split: str = "test") -> float:
+        """Prompts one evaluation decodes on the `split` side: harmful, look-alike and each task's."""
+        side = "eval" if split == "test" else "validation"
+        return (self.held_out(f"harmful_{side}") + self.held_out(f"lookalike_{side}")
+                + sum(self.held_out(f"task_{t}_{split}") for t in tasks))
+
     def model_eval(self, split: str = "test") -> float:
-        """Prompts one aligned model is evaluated on: harmful, look-alike and every attacked task's."""
-        suffix = {"test": ("harmful_eval", "lookalike_eval", "test"), "validation": (
-            "harmful_validation", "lookalike_validation", "validation")}[split]
-        return (self.held_out(suffix[0]) + self.held_out(suffix[1])
-                + sum(self.held_out(f"task_{t}_{suffix[2]}") for t in self.spec.attack.tasks))
+        """Prompts one aligned model is evaluated on (every attacked task's)."""
+        return self.evaluated(self.spec.attack.tasks, split)
 
     def cell_eval(self, task: str, split: str = "test") -> float:
-        """Prompts one attack cell is evaluated on: harmful, look-alike and its task's."""
-        side = "eval" if split == "test" else "validation"
-        return self.held_out(f"harmful_{side}") + self.held_out(f"lookalike_{side}") + self.held_out(f"task_{task}_{split}")
+        """Prompts one attack cell is evaluated on (its task's)."""
+        return self.evaluated([task], split)
+
+    def alignment(self, model: str) -> tuple[int, int]:
+        """Rows and epochs of one alignment run of `model` (sft, vaa or a defence), as its stage
+        trains it: VAA at its own epochs, Booster and RepNoise on the harmful rows too."""
+        s = self.spec
+        rows = self.alignment_mix() + (s.defences.harmful_rows if model in ("booster", "repnoise") else 0)
+        return rows, (s.vaa.epochs or s.align_sft.epochs) if model == "vaa" else s.align_sft.epochs
 
 
 def _base(c: Counter) -> Work:
@@ -132,16 +141,16 @@ def _align_vaa(c: Counter) -> Work:
     s = c.spec
     if not s.vaa.enabled:
         return Work()
-    runs = len(s.vaa.variants) * len(s.replicates)
-    return c.train(c.alignment_mix() * runs, s.vaa.epochs or s.align_sft.epochs, PASSES["vaa"])
+    rows, epochs = c.alignment("vaa")
+    return c.train(rows * len(s.vaa.variants) * len(s.replicates), epochs, PASSES["vaa"])
 
 
 def _align_defences(c: Counter) -> Work:
     s = c.spec
     work = Work()
     for d in s.defences.train:
-        rows = c.alignment_mix() + (s.defences.harmful_rows if d in ("booster", "repnoise") else 0)
-        work += c.train(rows * len(s.replicates), s.align_sft.epochs, PASSES[d])
+        rows, epochs = c.alignment(d)
+        work += c.train(rows * len(s.replicates), epochs, PASSES[d])
     return work
 
 
@@ -187,10 +196,8 @@ def _tune(c: Counter) -> Work:
         trials = t.num_samples * math.prod(len(d.values) for d in t.space.values())
     else:
         trials = t.num_samples
-    passes = PASSES["vaa"] if t.model == "vaa" else PASSES[t.model]
-    # A trial aligns as its stage would (VAA's epochs; Booster and RepNoise also train on the harmful rows).
-    rows = c.alignment_mix() + (s.defences.harmful_rows if t.model in ("booster", "repnoise") else 0)
-    epochs = (s.vaa.epochs or s.align_sft.epochs) if t.model == "vaa" else s.align_sft.epochs
+    passes = PASSES[t.model]
+    rows, epochs = c.alignment(t.model)  # a trial aligns as its model's stage would
     per_trial = (c.train(rows, epochs, passes) + c.train(len(t.tasks) * s.attack.n, s.attack.epochs)
                  + c.decode(sum(c.cell_eval(task, "validation") for task in t.tasks)))
     # Baselines (SFT's and the tuned model's cells) on validation, and the selected trial's on test.

@@ -139,6 +139,9 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
             pareto_body += (f"; on the test prompts, once: HS {links.number(sel['test']['hs'], run_of('tune'))}, "
                             f"FA {links.number(sel['test']['fa'], run_of('tune'))}")
         pareto_body += "</p>"
+        for name in tune.get("applied", {}):
+            pareto_body += (f"<p>Applied (<code>tune.apply</code>): the selection trained once per seed as "
+                            f"<code>{html.escape(name)}</code>, in the HS / FA table and its differences against SFT.</p>")
     parts.append(_section("pareto", "Tuning: the Pareto front of HS and FA", pareto_body))
     parts.append(_section("forgetting", "How often alignment examples are forgotten",
                           _img(stage_file("vulnerability", "forgot_histogram.png"), "ForgotNum histogram")))

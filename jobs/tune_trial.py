@@ -64,15 +64,30 @@ def trial(config: dict, fixed: dict) -> None:
                      "trial_seconds": time.perf_counter() - began})
 
 
+def vaa_knobs(config: dict, vaa: dict, threshold: float) -> tuple[dict, float]:
+    """VAA's knobs and the forgetting threshold τ, a trial's values over the spec's."""
+    return ({**vaa, **{k.removeprefix("vaa."): v for k, v in config.items() if k.startswith("vaa.")}},
+            config.get("vulnerability.threshold", threshold))
+
+
+def vulnerable_at(mix: pd.DataFrame, threshold: float) -> pd.Series:
+    """Rows whose aggregate ForgotNum exceeds τ; rows without an estimate stay invulnerable."""
+    return mix["forgot_total"].fillna(-1) > threshold
+
+
+def defence_knobs(config: dict, name: str, knobs: dict) -> dict:
+    """A defence's knobs, a trial's values (`defences.<name>.<knob>`) over the spec's."""
+    return {**knobs, **{k.rsplit(".", 1)[1]: v for k, v in config.items() if k.startswith(f"defences.{name}.")}}
+
+
 def vaa_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
     """The trial's VAA run: groups re-cut at its τ, its DRO knobs; or why it cannot run."""
     from jobs.launch import run_config
     from jobs.vaa import recipe, step_config
 
-    vaa = {**fixed["vaa"], **{k.removeprefix("vaa."): v for k, v in config.items() if k.startswith("vaa.")}}
-    threshold = config.get("vulnerability.threshold", fixed["threshold"])
+    vaa, threshold = vaa_knobs(config, fixed["vaa"], fixed["threshold"])
     mix = pd.read_parquet(fixed["mix"])
-    vulnerable = mix["forgot_total"].fillna(-1) > threshold  # rows without an estimate stay invulnerable
+    vulnerable = vulnerable_at(mix, threshold)
     train = recipe(vaa, fixed["align"])
     for name, rows in (("vulnerable", vulnerable.sum()), ("invulnerable", (~vulnerable).sum())):
         if rows < train["batch_size"]:
@@ -91,8 +106,7 @@ def defence_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
     from jobs.recipes import TRAIN_COLUMNS, defence_harmful
 
     name = fixed["model"]
-    knobs = {**fixed["knobs"], **{k.rsplit(".", 1)[1]: v for k, v in config.items()
-                                  if k.startswith(f"defences.{name}.")}}
+    knobs = defence_knobs(config, name, fixed["knobs"])
     rows = pd.read_parquet(fixed["mix"])[TRAIN_COLUMNS]
     if name in ("booster", "repnoise"):
         harmful = defence_harmful(fixed["data"], fixed["harmful_rows"]).assign(stream="harmful")

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from orchestrator.spec import StudySpec
+from orchestrator.spec_sections import MODEL_JUDGES
 
 # Forward-and-backward passes per step, over a plain SFT step (jobs/vaa.py, jobs/defences.py).
 PASSES = {"vaa": 2, "vaccine": 2, "booster": 3, "repnoise": 2}
@@ -70,7 +71,8 @@ class Counter:
 
     def __init__(self, spec: StudySpec, rows: dict[str, int | None]):
         self.spec, self.rows, self.length = spec, rows, spec.model.tiny.max_len
-        self.judged = 2 if spec.evaluate.judge_model else 1  # a model judge reads each decoded row again
+        # A model judge reads each decoded row again (a judge_model beside a rule judge is never loaded).
+        self.judged = 2 if spec.evaluate.judge in MODEL_JUDGES else 1
 
     def n(self, split: str, at_most: int | None = None) -> int:
         """Rows of `split`, and at most `at_most` (the bound itself where the size is unknown)."""
@@ -160,14 +162,15 @@ def _attack(c: Counter) -> Work:
     return c.train(cells * k.n, k.epochs)
 
 
-def _aligned_models(spec: StudySpec) -> int:
-    """Aligned models per seed: SFT, each VAA variant, each defence."""
-    return 1 + len(spec.vaa.variants if spec.vaa.enabled else []) + len(spec.defences.train)
+def _trained_models(spec: StudySpec) -> list[str]:
+    """Aligned models per seed: SFT, each VAA variant, each defence, and tune.apply's model."""
+    return ["sft", *(spec.vaa.variants if spec.vaa.enabled else []), *spec.defences.train,
+            *([spec.tune.tuned] if spec.tune.tuned else [])]
 
 
 def _evaluate(c: Counter) -> Work:
     s, k = c.spec, c.spec.attack
-    models = 1 + _aligned_models(s) * len(s.replicates)  # base, then every aligned model per seed
+    models = 1 + len(_trained_models(s)) * len(s.replicates)  # base, then every aligned model per seed
     cells = sum(c.cell_eval(t) for t in k.tasks) * len(k.models) * len(k.ratios) * len(s.replicates)
     return c.decode(models * c.model_eval() + cells)
 
@@ -176,8 +179,7 @@ def _debias(c: Counter) -> Work:
     s, d = c.spec, c.spec.debias
     if not d.enabled:
         return Work()
-    present = {"sft", *(s.vaa.variants if s.vaa.enabled else []), *s.defences.train}
-    models = [m for m in d.models if m in present]
+    models = [m for m in d.models if m in _trained_models(s)]
     work = Work()
     if "over-aligned" in d.models and d.over_aligned.enabled:
         models.append("over-aligned")
@@ -200,9 +202,13 @@ def _tune(c: Counter) -> Work:
     rows, epochs = c.alignment(t.model)  # a trial aligns as its model's stage would
     per_trial = (c.train(rows, epochs, passes) + c.train(len(t.tasks) * s.attack.n, s.attack.epochs)
                  + c.decode(sum(c.cell_eval(task, "validation") for task in t.tasks)))
-    # Baselines (SFT's and the tuned model's cells) on validation, and the selected trial's on test.
-    evals = c.decode(sum(2 * c.cell_eval(task, "validation") + c.cell_eval(task) for task in t.tasks))
-    return Work(per_trial.train_tokens * trials, per_trial.decode_tokens * trials) + evals
+    # Baselines (SFT's cells, and the searched model's where a stage trains it) fine-tuned and
+    # evaluated on validation, and the selected trial's cells on test.
+    baselines = 1 + (t.model in _trained_models(s))
+    evals = c.train(baselines * len(t.tasks) * s.attack.n, s.attack.epochs) + c.decode(
+        sum(baselines * c.cell_eval(task, "validation") + c.cell_eval(task) for task in t.tasks))
+    applied = c.train(rows * len(s.replicates), epochs, passes) if t.apply else Work()
+    return Work(per_trial.train_tokens * trials, per_trial.decode_tokens * trials) + evals + applied
 
 
 WORK = {"base": _base, "align_sft": _align_sft, "vulnerability": _vulnerability,

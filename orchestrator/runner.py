@@ -25,7 +25,7 @@ def plan(spec: StudySpec, stages=STAGES) -> list[tuple[Stage, str]]:
     keys: dict[str, str] = {}
     out = []
     for stage in stages:
-        keys[stage.name] = stage_key(stage.name, stage.version, stage.config(spec), {n: keys[n] for n in stage.needs})
+        keys[stage.name] = stage_key(stage.name, stage.version, stage.config(spec), {n: keys[n] for n in stage.needs(spec)})
         out.append((stage, keys[stage.name]))
     return out
 
@@ -135,7 +135,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
         for (stage, key), row in zip(steps[:last + 1], state["stages"]):
             tracker.reconnect()  # a server that stopped answering may be back
             inputs = {n: (store.stage_dir(n, state_key(state, n)),
-                          BY_NAME[n].result.from_json(store.result(n, state_key(state, n)))) for n in stage.needs}
+                          BY_NAME[n].result.from_json(store.result(n, state_key(state, n)))) for n in stage.needs(spec)}
             if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
                 progress.set(stage.name, row["status"], seconds=row["seconds"])
                 continue
@@ -183,7 +183,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                                        ray_storage=spec.cluster.storage_path or store.ray_storage,
                                        board=progress.board,
                                        input_runs={r["name"]: r["run_id"] for r in state["stages"]
-                                                   if r["name"] in stage.needs and r.get("run_id")},
+                                                   if r["name"] in stage.needs(spec) and r.get("run_id")},
                                        progress=lambda msg, n=stage.name: progress.detail(n, msg))
                     with system_metrics(spec.tracking.system_metrics_s, tracker, tracker.resolve(run_id)):
                         typed = stage.run(ctx)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError, field_validator, model_validator
 
-from orchestrator.spec_sections import (ALIGNMENT_DEFENCES, LISA, VAA_VARIANTS, AlignSpec, AttackSpec, BaseStage,
+from orchestrator.spec_sections import (ALIGNMENT_DEFENCES, LISA, TUNABLE, TUNED, VAA_VARIANTS, AlignSpec, AttackSpec, BaseStage,
                                         ClusterSpec, CorporaSpec, DebiasSpec, DecodingSpec, DefencesSpec, EvaluateSpec,
                                         ModelSpec, Strict, TrackingSpec, TuneSpec, VaaSpec, VulnerabilitySpec)
 
@@ -72,8 +72,15 @@ class StudySpec(Strict):
     @model_validator(mode="after")
     def _vaa_models_are_trained(self):
         trained = set(self.vaa.variants) if self.vaa.enabled else set()
+        if self.tune.tuned and self.tune.tuned not in self.attack.models:
+            self.attack.models.append(self.tune.tuned)  # what `apply` is for: the grid and the table see it
         for i, m in enumerate(self.attack.models):
             m = m.removesuffix(LISA)
+            if m.endswith(TUNED) and m == self.tune.tuned:
+                continue
+            if m.endswith(TUNED) and m.removesuffix(TUNED) in TUNABLE:
+                raise ValueError(f"attack.models[{i}]: '{m}' is trained by the tune stage: set tune.enabled and "
+                                 f"tune.apply to true, with tune.model: {m.removesuffix(TUNED)}")
             if m in VAA_VARIANTS and m not in trained:
                 raise ValueError(f"attack.models[{i}]: '{m}' is not trained (add it to vaa.variants"
                                  + ("" if self.vaa.enabled else " and set vaa.enabled: true") + ")")

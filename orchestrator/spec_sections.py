@@ -335,6 +335,7 @@ class SearchDim(Strict):
         return self
 
 
+TUNED = "-tuned"  # the suffix of the model `tune.apply` trains
 # What a sweep may search, by the model its trials train (`tune.model`).
 TUNABLE = {"vaa": ("vulnerability.threshold", "vaa.rho", "vaa.eta", "vaa.lam", "vaa.lr", "vaa.epochs"),
            "vaccine": ("defences.vaccine.rho",),
@@ -345,10 +346,13 @@ TUNABLE = {"vaa": ("vulnerability.threshold", "vaa.rho", "vaa.eta", "vaa.lam", "
 class TuneSpec(Strict):
     """Ray Tune over one aligned model's knobs (VAA's forgetting threshold and DRO knobs, or a
     defence's, which is how a defence is calibrated): each trial aligns with them, attacks on
-    `tasks` at ratio `p`, evaluates on validation; objectives min HS and max FA (SCIENCE.md §5-6)."""
+    `tasks` at ratio `p`, evaluates on validation; objectives min HS and max FA (SCIENCE.md §5-6).
+    `apply: true` trains the selected configuration once per seed as model `<model>-tuned`, which
+    joins `attack.models`: the whole attack grid and every table see it on test beside the others."""
 
     enabled: bool = False
     model: Literal["vaa", "vaccine", "booster", "repnoise"] = "vaa"  # what each trial trains
+    apply: bool = False
     space: dict[str, SearchDim] = {}
     search: Literal["grid", "random", "optuna"] = "grid"
     scheduler: Literal["none", "asha"] = "none"  # ASHA on score = FA − HS
@@ -369,9 +373,19 @@ class TuneSpec(Strict):
                                  f"(searchable: {', '.join(TUNABLE[self.model])})")
         if self.enabled and not self.space:
             raise ValueError("space: name at least one field to search")
+        if self.apply and not self.enabled:
+            raise ValueError("apply: trains the sweep's selection; set tune.enabled: true too")
         if self.search == "grid" and any(d.type != "grid" for d in self.space.values()):
             raise ValueError("search: grid needs every space entry of type grid")
         return self
+
+    @property
+    def tuned(self) -> str | None:
+        """The model `apply` trains, if it does."""
+        return f"{self.model}{TUNED}" if self.apply else None
+
+
+MODEL_JUDGES = ("beaver-dam", "llama-guard", "md-judge")  # judges that are models (jobs/judge_registry.py)
 
 
 class EvaluateSpec(Strict):
@@ -383,7 +397,7 @@ class EvaluateSpec(Strict):
 
     @model_validator(mode="after")
     def _model_judge_has_model(self):
-        if self.judge in ("beaver-dam", "llama-guard", "md-judge") and not self.judge_model:
+        if self.judge in MODEL_JUDGES and not self.judge_model:
             raise ValueError(f"judge '{self.judge}' needs judge_model (a local path or hub id)")
         return self
 

@@ -93,7 +93,7 @@ class Stage:
 
     name: str
     version: int  # bump when the stage's algorithm changes, so cached outputs are redone
-    needs: tuple[str, ...]
+    needs: Callable[[StudySpec], tuple[str, ...]]  # the stages whose outputs it reads, for a spec
     config: Callable[[StudySpec], dict]
     run: Callable[[StageContext], StageResult]
     resources: Callable[[StudySpec], str]  # what it asks of the cluster, in words (`saferay plan`)
@@ -193,6 +193,12 @@ def wait_all(ctx: StageContext, refs: dict, noun: str):
         key = pending.pop(ready[0])
         done += 1
         yield key, ray.get(ready[0])
+
+
+def with_tuned(needs: tuple[str, ...], spec: StudySpec) -> tuple[str, ...]:
+    """A stage's inputs plus the tune stage where it trains a model (`tune.apply`): only then does
+    the stage read it, so only then does a new sweep redo the stage."""
+    return needs + ("tune",) if spec.tune.apply else needs
 
 
 SHARED_BY_SEEDS = ("base",)  # models no seed retrains: evaluated once

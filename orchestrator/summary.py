@@ -107,6 +107,8 @@ def render(summary: dict, console) -> None:
                       f"{line(base.get(t['model']))}")
         if sel and sel.get("test"):
             console.print(f"  the selected configuration on test: {line(sel['test'])}")
+        for name in t.get("applied", {}):
+            console.print(f"  applied: {name} trained once per seed; attacked and evaluated in the tables above")
     vuln = summary.get("vulnerability")
     if vuln and "overlap" in vuln:
         console.print(f"vulnerability: {vuln['fraction_vulnerable']:.1%} of {vuln['n']} alignment examples vulnerable "

@@ -107,26 +107,36 @@ def test_decoding_memory_against_hand_computed_values(tmp_path):
     assert plan(tmp_path, "smoke.yaml", "decoding.gpus_per_worker=0.5", "cluster.gpu_memory_gb=1.0")["fits"] is True
 
 
-def test_gpu_hours_against_hand_computed_values(tmp_path):
-    """`orchestrator/compute.py` on the smoke study, with the data stage's row counts in the store:
-    every stage's tokens, PFLOP and GPU-hours, computed here by hand from the spec's numbers."""
-    from orchestrator.plan import make_plan
+# The smoke study's rows per split, as its data stage measures them.
+SMOKE_SPLITS = {"align_train": 150, "harmful": 150, "harmful_validation": 30, "harmful_eval": 30, "lookalike_train": 30,
+                "lookalike_validation": 10, "lookalike_eval": 10, "task_sentiment_train": 90,
+                "task_sentiment_validation": 20, "task_sentiment_test": 50, "task_topic_train": 15,
+                "task_topic_validation": 20, "task_topic_test": 40, "pretrain": 1500}
+GPUS = ("cluster.gpu_tflops=100", "cluster.train_utilisation=0.5", "cluster.decode_utilisation=0.25")
+
+
+def measured_plan(tmp_path, *overrides: str) -> dict:
+    """`saferay plan --json` of the smoke study, with the data stage's row counts in the store."""
     from orchestrator.runner import plan as stage_keys
     from orchestrator.spec import load_spec
     from orchestrator.stages import data
     from orchestrator.store import StudyStore, write_json
 
-    s = load_spec(ROOT / "studies/smoke.yaml", ["cluster.gpu_tflops=100", "cluster.train_utilisation=0.5",
-                                                  "cluster.decode_utilisation=0.25"])
-    splits = {"align_train": 150, "harmful": 150, "harmful_validation": 30, "harmful_eval": 30, "lookalike_train": 30,
-              "lookalike_validation": 10, "lookalike_eval": 10, "task_sentiment_train": 90,
-              "task_sentiment_validation": 20, "task_sentiment_test": 50, "task_topic_train": 15,
-              "task_topic_validation": 20, "task_topic_test": 40, "pretrain": 1500}
+    s = load_spec(ROOT / "studies/smoke.yaml", [*GPUS, *overrides])
     store = StudyStore(tmp_path, s.study)
     with store.building("data", dict((st.name, k) for st, k in stage_keys(s))["data"]) as out:
-        write_json(out / "result.json", data.Result(splits=splits).to_json())
-    p = plan(tmp_path, "smoke.yaml", "cluster.gpu_tflops=100", "cluster.train_utilisation=0.5",
-             "cluster.decode_utilisation=0.25")
+        write_json(out / "result.json", data.Result(splits=SMOKE_SPLITS).to_json())
+    return plan(tmp_path, "smoke.yaml", *GPUS, *overrides)
+
+
+def hours(n: int, train: int, decode: int) -> float:
+    return (6 * n * train / 0.5 + 2 * n * decode / 0.25) / 100e12 / 3600
+
+
+def test_gpu_hours_against_hand_computed_values(tmp_path):
+    """`orchestrator/compute.py` on the smoke study, with the data stage's row counts in the store:
+    every stage's tokens, PFLOP and GPU-hours, computed here by hand from the spec's numbers."""
+    p = measured_plan(tmp_path)
     n, length = p["model"]["parameters"], 96
     mix = 150 + 30 + 20 + 15  # alignment, answered look-alikes, 20 benign rows per task (topic has 15)
     max_eval = 40
@@ -145,12 +155,31 @@ def test_gpu_hours_against_hand_computed_values(tmp_path):
     total = 0.0
     for st in p["stages"]:
         train, decode = tokens[st["name"]]
-        hours = (6 * n * train / 0.5 + 2 * n * decode / 0.25) / 100e12 / 3600
         assert st["pflop"] == pytest.approx((6 * n * train + 2 * n * decode) / 1e15, rel=1e-9), st["name"]
-        assert st["gpu_hours"] == pytest.approx(hours, rel=1e-9), st["name"]
-        total += hours
+        assert st["gpu_hours"] == pytest.approx(hours(n, train, decode), rel=1e-9), st["name"]
+        total += hours(n, train, decode)
     assert p["compute"]["total_gpu_hours"] == pytest.approx(total, rel=1e-9)
     assert p["compute"]["assumptions"]["rows"] == "measured by the data stage"
+
+
+def test_gpu_hours_of_a_sweep_applied_by_hand(tmp_path):
+    """A VAA sweep of 2 trials with `tune.apply`: the trials, the baselines the stage attacks
+    itself, the tuned model per seed, and that model in the attack grid and the evaluation."""
+    p = measured_plan(tmp_path, "tune.enabled=true", "tune.apply=true",
+                      "tune.space={vaa.rho: {type: grid, values: [0.4, 1.0]}}")
+    n, length = p["model"]["parameters"], 96
+    vaa_run = (150 + 30 + 20 + 15) * 2 * 2  # the mix, 2 epochs, two passes a step
+    cell, validation, test = 60 * 1, 30 + 10 + 20, 30 + 10 + 40  # rows × epochs; sentiment prompts per side
+    tokens = {
+        # 2 trials (VAA, a sentiment cell, validation); SFT's and VAA's cells on validation; the
+        # selected trial's cell on test; then vaa-tuned once per seed.
+        "tune": ((2 * (vaa_run + cell) + 2 * cell + 2 * vaa_run) * length, (2 * validation + 2 * validation + test) * length),
+        "attack": (3 * 1 * 2 * 2 * cell * length, 0),  # sft, vaa, vaa-tuned × 1 task × 2 ratios × 2 seeds
+        "evaluate": (0, (1 + 4 * 2) * test * length + 3 * 2 * 2 * test * length),  # base + 4 models × 2 seeds; 12 cells
+    }
+    stages = {st["name"]: st for st in p["stages"]}
+    for name, (train, decode) in tokens.items():
+        assert stages[name]["gpu_hours"] == pytest.approx(hours(n, train, decode), rel=1e-9), name
 
 
 def test_gpu_hours_of_the_7b_spec_and_what_cannot_be_counted(tmp_path):

@@ -1,5 +1,6 @@
 """The tune stage: a grid sweep interrupted by killing the driver mid-sweep resumes with Tune's
-restore; finished trials are not run again and every trial has exactly one MLflow run."""
+restore; finished trials are not run again and every trial has exactly one MLflow run. A sweep
+calibrates a defence; `tune.apply` sends the selection through the attack grid."""
 
 import json
 
@@ -7,6 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import SMOKE, saferay
+from orchestrator.spec import load_spec
+from orchestrator.stages.align_sft import replicate_path
+from orchestrator.store import StudyStore
 from procs import kill_all, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -68,3 +72,40 @@ def test_a_sweep_calibrates_a_defence_on_validation(smoke_store):
     assert len([r for r in runs if r.endswith("-vaccine")]) == 2 and not [r for r in runs if r.endswith("-vaa")], runs
     assert all(st["status"] == "cached" for st in s["stages"] if st["name"] != "tune")
     assert t["pareto"] and all(set(p["config"]) == {"defences.vaccine.rho"} for p in t["pareto"])
+
+
+def test_apply_trains_the_selection_and_attacks_it_beside_the_others(smoke_store):
+    """`tune.apply`: the selected configuration is trained once per seed as `vaa-tuned`, which the
+    attack grid, the table and the paired differences against SFT then include. The sweep's one
+    trial is the spec's own VAA, so everything it feeds has a known answer: the tuned models are
+    align_vaa's, bit for bit, every seed; their attack rows are VAA's; the trial's validation
+    numbers are the stage's own VAA baseline (attacked from the attack stage's draws)."""
+    rho = load_spec(SMOKE).vaa.rho
+    saferay("run", str(SMOKE), "--set", "tune.enabled=true", "--set", "tune.apply=true",
+            "--set", "tune.delta=1.0", "--set", f"tune.space={{vaa.rho: {{type: grid, values: [{rho}]}}}}",
+            store=smoke_store)
+    s = json.loads(saferay("show", "smoke", "--json", store=smoke_store).stdout)
+    status = {st["name"]: st["status"] for st in s["stages"]}
+    assert {n: status[n] for n in ("data", "base", "align_sft", "vulnerability", "align_vaa", "debias")} == dict.fromkeys(
+        ("data", "base", "align_sft", "vulnerability", "align_vaa", "debias"), "cached"), status
+    assert status["tune"] == status["attack"] == status["evaluate"] == "complete", status
+
+    t = s["tune"]
+    assert t["selected"]["config"] == {"vaa.rho": rho} and set(t["applied"]) == {"vaa-tuned"}
+    trial = t["pareto"][0]
+    assert (trial["hs"], trial["fa"]) == (t["baselines"]["vaa"]["hs"], t["baselines"]["vaa"]["fa"])
+
+    store = StudyStore(smoke_store, "smoke")
+    key = {st["name"]: st["key"] for st in s["stages"]}
+    for seed, first in ((0, True), (1, False)):
+        tuned = store.stage_dir("tune", key["tune"]) / replicate_path("vaa-tuned", seed, first) / "model.safetensors"
+        vaa = store.stage_dir("align_vaa", key["align_vaa"]) / replicate_path("vaa", seed, first) / "model.safetensors"
+        assert tuned.read_bytes() == vaa.read_bytes(), f"seed {seed}: vaa-tuned is not the spec's VAA"
+
+    rows = {(r["model"], r["p"]): r for r in s["attack"]}
+    for p in load_spec(SMOKE).attack.ratios:
+        assert {k: rows[("vaa-tuned", p)][k] for k in ("hs", "fa", "hs_by_seed")} == \
+            {k: rows[("vaa", p)][k] for k in ("hs", "fa", "hs_by_seed")}, f"p={p}"
+    against_sft = {(c["p"], c["metric"]) for c in s["comparisons"] if c["a"] == "vaa-tuned" and c["b"] == "sft"}
+    assert against_sft == {(c["p"], c["metric"]) for c in s["comparisons"] if c["a"] == "vaa" and c["b"] == "sft"}
+    assert against_sft and "vaa-tuned" in s["models"]

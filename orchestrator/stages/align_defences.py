@@ -51,12 +51,28 @@ def shown(result: Result, stage_dir: Path) -> dict:
     return {"defences": {name: d.training() for name, d in result.defences.items()}}
 
 
-def run(ctx: StageContext) -> Result:
+def harmful_set(ctx: StageContext):
+    """The harmful rows Booster and RepNoise draw batches from (stream `harmful`)."""
+    from jobs.recipes import defence_harmful
+
+    return defence_harmful(ctx.input_dir("data"), ctx.spec.defences.harmful_rows).assign(stream="harmful")
+
+
+def defence_run(ctx: StageContext, defence: str, name: str, seed: int, out: Path, knobs: dict,
+                harmful=None) -> AlignmentRun:
+    """One run of `defence` with `knobs`: align_sft's recipe on the alignment mix in `seed`'s
+    order, plus the harmful set for the defences that train on one."""
     import pandas as pd
 
+    rows = alignment_frame(ctx.input_dir("data"), ctx.spec, seed=seed)
+    if defence in USES_HARMFUL:
+        rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
+    return AlignmentRun(name, rows, out, seed, ctx.spec.align_sft.model_dump(), step=defence, step_config=knobs)
+
+
+def run(ctx: StageContext) -> Result:
     from jobs.corpora import read_split
     from jobs.records import InputError
-    from jobs.recipes import defence_harmful
 
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
@@ -64,31 +80,24 @@ def run(ctx: StageContext) -> Result:
     if spec.defences.harmful_rows >= pool:
         raise InputError(f"defences.harmful_rows: {spec.defences.harmful_rows} leaves no poison for the attack "
                          f"(the harmful corpus has {pool} rows after splitting)")
-    harmful = (defence_harmful(data_dir, spec.defences.harmful_rows).assign(stream="harmful")
-               if any(d in USES_HARMFUL for d in spec.defences.train) else None)
-    train = spec.align_sft.model_dump()
-    runs = []
-    for name in spec.defences.train:
-        for k, seed in enumerate(spec.replicates):
-            rows = alignment_frame(data_dir, spec, seed=seed)
-            if name in USES_HARMFUL:
-                rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
-            runs.append(AlignmentRun(replicate_name(name, seed, spec), rows, ctx.out / replicate_path(name, seed, k == 0),
-                                     seed, train, step=name, step_config=getattr(spec.defences, name).model_dump()))
+    harmful = harmful_set(ctx) if any(d in USES_HARMFUL for d in spec.defences.train) else None
+    runs = [defence_run(ctx, name, replicate_name(name, seed, spec), seed, ctx.out / replicate_path(name, seed, k == 0),
+                        getattr(spec.defences, name).model_dump(), harmful)
+            for name in spec.defences.train for k, seed in enumerate(spec.replicates)]
     histories = iter(fit_alignments(ctx, NAME, runs))
     trained = {}
     for name in spec.defences.train:
         knobs = getattr(spec.defences, name).model_dump()
         for k, seed in enumerate(spec.replicates):
             history, path = next(histories), replicate_path(name, seed, k == 0)
-            run_id = _track(ctx, name if k == 0 else f"{name}-s{seed}", knobs, history)
+            run_id = track_defence(ctx, name if k == 0 else f"{name}-s{seed}", knobs, history)
             if k == 0:
                 trained[name] = Defence(model=path, run_id=run_id, knobs=knobs, **train_summary(history))
             trained[name].replicates[str(seed)] = path
     return Result(defences=trained, harmful_rows=0 if harmful is None else len(harmful))
 
 
-def _track(ctx: StageContext, run: str, knobs: dict, history: dict) -> str:
+def track_defence(ctx: StageContext, run: str, knobs: dict, history: dict) -> str:
     """A nested MLflow run per defence and seed: its knobs, and every per-step value its step reports."""
     t, cfg = ctx.tracker, history["config"]
     run_id = t.start_run(run, parent=ctx.run_id, tags={"saferay.defence": run})

@@ -88,17 +88,15 @@ def run(ctx: StageContext) -> Result:
     runs, knobs = [], {}
     for variant in vaa.variants:
         knobs[variant] = step_config(vaa.model_dump(mode="json"), SAMPLER_MODES[variant], sizes["vulnerable"], len(mix))
-        for k, seed in enumerate(spec.replicates):  # the groups are the study's; order and draws are the seed's
-            order = alignment_frame(data_dir, spec, seed=seed)
-            rows = order.assign(group=["vulnerable" if x in vulnerable_ids else "invulnerable" for x in order["id"]])
-            runs.append(AlignmentRun(replicate_name(variant, seed, spec), rows, ctx.out / replicate_path(variant, seed, k == 0),
-                                     seed, train, step="vaa", step_config=knobs[variant]))
+        for k, seed in enumerate(spec.replicates):
+            runs.append(vaa_run(ctx, replicate_name(variant, seed, spec), seed,
+                                ctx.out / replicate_path(variant, seed, k == 0), vulnerable_ids, train, knobs[variant]))
     histories = iter(fit_alignments(ctx, NAME, runs))
     variants = {}
     for variant in vaa.variants:
         for k, seed in enumerate(spec.replicates):
             history, path = next(histories), replicate_path(variant, seed, k == 0)
-            run_id = _track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", history)
+            run_id = track_variant(ctx, variant if k == 0 else f"{variant}-s{seed}", history)
             if k == 0:
                 variants[variant] = Variant(
                     model=path, mode=SAMPLER_MODES[variant], run_id=run_id, q0=knobs[variant]["q0"],
@@ -109,7 +107,16 @@ def run(ctx: StageContext) -> Result:
     return Result(enabled=True, strategy=strategy_name(spec.align_sft.model_dump()), groups=sizes, variants=variants)
 
 
-def _track_variant(ctx: StageContext, variant: str, history: dict) -> str:
+def vaa_run(ctx: StageContext, name: str, seed: int, out: Path, vulnerable_ids: set, train: dict,
+            knobs: dict) -> AlignmentRun:
+    """One VAA run: the alignment mix in `seed`'s order and draws, each row in its group (the
+    groups are the study's, the same for every seed)."""
+    order = alignment_frame(ctx.input_dir("data"), ctx.spec, seed=seed)
+    rows = order.assign(group=["vulnerable" if x in vulnerable_ids else "invulnerable" for x in order["id"]])
+    return AlignmentRun(name, rows, out, seed, train, step="vaa", step_config=knobs)
+
+
+def track_variant(ctx: StageContext, variant: str, history: dict) -> str:
     """q, λ_t, ‖ε‖, the step's gradient norm and the per-group losses as MLflow metrics over steps, in a run per variant."""
     t, cfg = ctx.tracker, history["config"]
     run_id = t.start_run(variant, parent=ctx.run_id, tags={"saferay.variant": variant})

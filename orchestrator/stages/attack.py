@@ -8,13 +8,19 @@ from pathlib import Path
 
 from orchestrator.spec import LISA, StudySpec
 from orchestrator.stage import (StageContext, StageResult, TrainingSummary, ray_progress, run_bounded, run_name,
-                                scaling, train_summary)
+                                scaling, train_summary, with_tuned)
 
 NAME = "attack"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences')
+
+
 # How the cells are scheduled, which changes no cell's result (so not the stage's key).
 SCHEDULING = {"max_concurrent", "cells_per_group"}
+
+
+def needs(spec: StudySpec) -> tuple[str, ...]:
+    return with_tuned(NEEDS, spec)  # the model tune.apply trains
 
 
 @dataclass(kw_only=True)
@@ -76,26 +82,40 @@ def shown(result: Result, stage_dir: Path) -> dict:
     return {}  # the evaluate stage scores the cells
 
 
+def recipe(spec: StudySpec) -> dict:
+    """What every cell trains with: the attack section less its grid and scheduling."""
+    return spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", *SCHEDULING})
+
+
+def cell_job(spec: StudySpec, model_dir: str, data_dir: str, task: str, p: float, seed: int, run_dir: str,
+             lisa: bool = False, progress=None) -> dict:
+    """One cell's arguments for `jobs/recipes.py::attack_cells`: `model_dir` fine-tuned on `task`
+    with a fraction `p` of harmful examples, drawn as replicate `seed` draws them (the same for
+    every model, and for the tune stage's baselines)."""
+    from jobs.recipes import cell_seed
+
+    return {"model_dir": model_dir, "data_dir": data_dir, "task": task, "p": p, "n": spec.attack.n,
+            "train": recipe(spec), "seed": cell_seed(seed, task, p), "max_len": spec.model.tiny.max_len,
+            "run_dir": run_dir, "lisa": spec.defences.lisa.model_dump() if lisa else None,
+            "aside": spec.defences.harmful_rows, "progress": progress}
+
+
 def run(ctx: StageContext) -> Result:
     """The attack cells on Ray Train with the attack's scaling: groups of cells, each group one
     worker group that trains its cells in turn, `attack.max_concurrent` groups at a time."""
     from jobs.recipes import attack_cells as train_cells
-    from jobs.recipes import cell_seed
 
     spec = ctx.spec
     data_dir = str(ctx.input_dir("data"))
     sources = {s: ctx.models(s) for s in spec.replicates}
-    train = spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n", "max_concurrent", "cells_per_group"})
+    train = recipe(spec)
     cells = attack_cells(spec)
-    lisa = spec.defences.lisa.model_dump()
 
     def job(i: int) -> dict:
         c = cells[i]
-        return {"model_dir": sources[c["seed"]][c["model"].removesuffix(LISA)], "data_dir": data_dir, "task": c["task"],
-                "p": c["p"], "n": spec.attack.n, "train": train, "seed": cell_seed(c["seed"], c["task"], c["p"]),
-                "max_len": spec.model.tiny.max_len, "run_dir": str(ctx.out / "cells" / c["name"]),
-                "lisa": lisa if c["model"].endswith(LISA) else None, "aside": spec.defences.harmful_rows,
-                "progress": ray_progress(ctx, NAME, f"cell {i + 1}/{len(cells)} {c['name']}")}
+        return cell_job(spec, sources[c["seed"]][c["model"].removesuffix(LISA)], data_dir, c["task"], c["p"],
+                        c["seed"], str(ctx.out / "cells" / c["name"]), lisa=c["model"].endswith(LISA),
+                        progress=ray_progress(ctx, NAME, f"cell {i + 1}/{len(cells)} {c['name']}"))
 
     groups = cell_groups(spec)
     # A group's run name covers its cells, so a restarted stage resumes each group where it stopped.

@@ -7,12 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import SHARED_BY_SEEDS, StageContext, StageResult, wait_all
+from orchestrator.stage import SHARED_BY_SEEDS, StageContext, StageResult, wait_all, with_tuned
 from orchestrator.store import write_json
 
 NAME = "evaluate"
 VERSION = 2  # bump when the algorithm changes, so cached outputs are redone
 NEEDS: tuple[str, ...] = ('data', 'base', 'align_sft', 'align_vaa', 'align_defences', 'attack')
+
+
+def needs(spec: StudySpec) -> tuple[str, ...]:
+    return with_tuned(NEEDS, spec)  # the model tune.apply trains
 
 
 @dataclass(kw_only=True)

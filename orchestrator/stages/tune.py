@@ -1,6 +1,11 @@
 """The tune stage: Ray Tune over one aligned model's knobs (VAA's forgetting threshold and DRO
 knobs, or a defence's: `tune.model`), the Pareto front of (HS ↓, FA ↑) on validation, and the
-configuration the spec's selection rule picks.
+configuration the spec's selection rule picks; with `tune.apply`, that configuration trained once
+per seed as `<model>-tuned`, which the attack and evaluate stages treat like every other model.
+
+It runs before the attack stage (which attacks the tuned model), so it attacks its own baselines
+(SFT, and the searched model with the spec's knobs) on the tuning tasks at p: the same cells, from
+the same draws, as the attack stage's first seed.
 
 A sweep interrupted with its driver resumes with Tune's own restore (the run name carries the
 stage key), so finished trials are not re-run; MLflow runs of trials are created by the driver
@@ -16,13 +21,13 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import StageContext, StageResult, run_name, scaling
-from orchestrator.stages.align_sft import alignment_frame
-from orchestrator.stages.attack import SCHEDULING
+from orchestrator.stage import StageContext, StageResult, TrainedModel, run_bounded, run_name, scaling, train_summary
+from orchestrator.stages.align_sft import alignment_frame, fit_alignments, replicate_name, replicate_path
+from orchestrator.stages.attack import SCHEDULING, cell_job
 
 NAME = "tune"
-VERSION = 4  # bump when the algorithm changes, so cached outputs are redone
-NEEDS: tuple[str, ...] = ('data', 'base', 'vulnerability', 'attack', 'evaluate')
+VERSION = 5  # bump when the algorithm changes, so cached outputs are redone
+NEEDS: tuple[str, ...] = ('data', 'base', 'vulnerability', 'align_sft', 'align_vaa', 'align_defences')
 
 
 @dataclass(kw_only=True)
@@ -40,15 +45,22 @@ class Result(StageResult):
     baselines: dict[str, dict | None] = field(default_factory=dict)
     selection: dict | None = None  # on which split, by which rule
     failed_trials: int = 0
+    tuned: dict[str, TrainedModel] = field(default_factory=dict)  # tune.apply's model, once per seed
+
+    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+        return {name: m.path(stage_dir, seed) for name, m in self.tuned.items()}
 
 
 def config(spec: StudySpec) -> dict:
     if not spec.tune.enabled:
         return {"enabled": False}
     defences = {} if spec.tune.model == "vaa" else {"defences": spec.defences.model_dump()}
+    # The attack's recipe, not its grid: trials and baselines attack on tune.tasks at tune.p.
     return {"tune": spec.tune.model_dump(), "vaa": spec.vaa.model_dump(mode="json"), **defences,
-            "align": spec.align_sft.model_dump(), "attack": spec.attack.model_dump(exclude=SCHEDULING),
-            "evaluate": spec.evaluate.model_dump(), "seed": spec.seed, "max_len": spec.model.tiny.max_len}
+            "align": spec.align_sft.model_dump(),
+            "attack": spec.attack.model_dump(exclude={"models", "tasks", "ratios", *SCHEDULING}),
+            "harmful_aside": spec.defences.harmful_rows, "evaluate": spec.evaluate.model_dump(), "seed": spec.seed,
+            "seeds": spec.replicates if spec.tune.apply else spec.replicates[:1], "max_len": spec.model.tiny.max_len}
 
 
 def search_space(spec: StudySpec) -> dict:
@@ -112,13 +124,58 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
             "fa": sum(r["fa"][name] for r, name in zip(results, cells)) / len(results), "split": split}
 
 
-def _baseline(ctx: StageContext, model: str) -> dict | None:
-    """A model's attack cells at the tuning ratio, evaluated on validation like the trials."""
-    t = ctx.spec.tune
-    first = ctx.spec.replicates[0]  # trials train from the study's first seed; so do their baselines
-    cells = ctx.input_result("attack").cells_of(model, t.p, first)
-    cells = {task: c.path(ctx.input_dir("attack")) for task, c in cells.items() if task in t.tasks}
-    return _evaluate_cells(ctx, cells, "validation")
+def _baselines(ctx: StageContext) -> dict[str, dict | None]:
+    """SFT, and the searched model with the spec's knobs where a stage trained it, attacked on the
+    tuning tasks at p from the first seed (trials train from it too) and evaluated on validation
+    like the trials. The cells are the attack stage's, drawn the same way: it runs after this stage."""
+    from jobs.recipes import attack_cells
+
+    spec, t = ctx.spec, ctx.spec.tune
+    first, data_dir = spec.replicates[0], str(ctx.input_dir("data"))
+    models = ctx.models(first)
+    attacked = [m for m in ("sft", t.model) if m in models]
+    out = {(m, task): ctx.out / "baselines" / f"{m}-{task}" for m in attacked for task in t.tasks}
+    jobs = [cell_job(spec, models[m], data_dir, task, t.p, first, str(run_dir)) for (m, task), run_dir in out.items()]
+    group = {0: (attack_cells, (jobs, run_name(ctx, "tune-baselines"), str(ctx.ray_storage)), {})}
+    for _ in run_bounded(ctx, group, 1, f"baseline cells fine-tuned ({', '.join(attacked)})"):
+        pass
+    return {m: _evaluate_cells(ctx, {task: str(out[(m, task)] / "model") for task in t.tasks}, "validation")
+            if m in attacked else None for m in ("sft", t.model)}
+
+
+def _apply(ctx: StageContext, config: dict, mix: pd.DataFrame) -> dict[str, TrainedModel]:
+    """The selected `config` trained once per seed as `<model>-tuned`, the way its own stage trains
+    the model (align_vaa's groups, here re-cut at the configuration's τ; or the defence's rows),
+    on one worker group."""
+    from jobs.tune_trial import defence_knobs, vaa_knobs, vulnerable_at
+    from jobs.vaa import recipe, step_config
+    from orchestrator.stages.align_defences import USES_HARMFUL, defence_run, harmful_set, track_defence
+    from orchestrator.stages.align_vaa import track_variant, vaa_run
+
+    spec, t, name = ctx.spec, ctx.spec.tune, ctx.spec.tune.tuned
+
+    if t.model == "vaa":
+        vaa, threshold = vaa_knobs(config, spec.vaa.model_dump(mode="json"), spec.vulnerability.threshold)
+        rows = vulnerable_at(mix, threshold)
+        vulnerable = set(mix.loc[rows, "id"])
+        train, knobs = recipe(vaa, spec.align_sft.model_dump()), step_config(vaa, "dro", int(rows.sum()), len(mix))
+    else:
+        knobs = defence_knobs(config, t.model, getattr(spec.defences, t.model).model_dump())
+        harmful = harmful_set(ctx) if t.model in USES_HARMFUL else None
+    runs = []
+    for k, seed in enumerate(spec.replicates):
+        run, out = replicate_name(name, seed, spec), ctx.out / replicate_path(name, seed, k == 0)
+        runs.append(vaa_run(ctx, run, seed, out, vulnerable, train, knobs) if t.model == "vaa"
+                    else defence_run(ctx, t.model, run, seed, out, knobs, harmful))
+    ctx.progress(f"{name}: the selected configuration, once per seed")
+    tuned = None
+    for k, (seed, history) in enumerate(zip(spec.replicates, fit_alignments(ctx, "tune-apply", runs))):
+        run = name if k == 0 else f"{name}-s{seed}"
+        run_id = track_variant(ctx, run, history) if t.model == "vaa" else track_defence(ctx, run, knobs, history)
+        if k == 0:
+            tuned = TrainedModel(model=replicate_path(name, seed, True), run_id=run_id, **train_summary(history))
+        tuned.replicates[str(seed)] = replicate_path(name, seed, k == 0)
+    return {name: tuned}
 
 
 def _mix_with_forgetting(ctx: StageContext) -> pd.DataFrame:
@@ -136,8 +193,9 @@ def resources(spec: StudySpec) -> str:
     t = spec.tune
     if not t.enabled:
         return "none"
+    applied = f"; then {t.tuned}: {len(spec.replicates)} run(s) of {scaling(spec.align_sft)}" if t.apply else ""
     return (f"{t.max_concurrent_trials} trials at a time, each {t.cpus_per_trial:g} CPU driving a run of "
-            f"{scaling(spec.align_sft)} and runs of {scaling(spec.attack)}")
+            f"{scaling(spec.align_sft)} and runs of {scaling(spec.attack)}{applied}")
 
 
 def shown(result: Result, stage_dir: Path) -> dict:
@@ -145,7 +203,8 @@ def shown(result: Result, stage_dir: Path) -> dict:
         return {}
     return {"tune": {"model": result.model, "selected": result.selected, "pareto": result.pareto,
                      "baselines": result.baselines, "p": result.p, "tasks": result.tasks,
-                     "failed_trials": result.failed_trials, "trials": len(result.trials)},
+                     "failed_trials": result.failed_trials, "trials": len(result.trials),
+                     "applied": {name: m.training() for name, m in result.tuned.items()}},
             "selection": result.selection}
 
 
@@ -159,7 +218,8 @@ def run(ctx: StageContext) -> Result:
     if not t.enabled:
         return Result(enabled=False)
     mix_path = ctx.out / "mix.parquet"
-    _mix_with_forgetting(ctx).to_parquet(mix_path)
+    mix = _mix_with_forgetting(ctx)
+    mix.to_parquet(mix_path)
     data_dir = ctx.input_dir("data")
     fixed = {"mix": str(mix_path), "base": ctx.models()["base"],
              "tokenizer": str(data_dir / "tokenizer"), "pad_id": load_tokenizer(data_dir / "tokenizer").pad_token_id,
@@ -201,18 +261,23 @@ def run(ctx: StageContext) -> Result:
     if not rows:
         raise RuntimeError(f"no trial of the sweep finished ({len(grid)} trials; see {path})")
     ctx.progress("baselines on the validation prompts")
-    # SFT, and the tuned model with the spec's knobs, where the attack stage attacked them at p.
-    sft, default = _baseline(ctx, "sft"), _baseline(ctx, t.model)
+    baselines = _baselines(ctx)
+    sft = baselines["sft"]
     selected = select(rows, sft["fa"] if sft else max(r["fa"] for r in rows), t.delta)
     if selected:  # chosen on validation; its attack cells are evaluated on test once, and both are reported
         ctx.progress("the selected configuration on the test prompts")
         selected = {**selected, "test": _evaluate_cells(
             ctx, {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}, "test")}
+    elif t.apply:
+        raise RuntimeError(f"tune.apply: no trial's FA is within tune.delta = {t.delta:g} of SFT's "
+                           f"({sft['fa']:.3f} on validation), so there is no configuration to apply "
+                           "(widen tune.space or raise tune.delta)")
     result = Result(enabled=True, trials=sorted(rows, key=lambda r: r["trial_id"]), pareto=pareto_front(rows),
-                    selected=selected, baselines={"sft": sft, t.model: default}, model=t.model, p=t.p, tasks=t.tasks,
+                    selected=selected, baselines=baselines, model=t.model, p=t.p, tasks=t.tasks,
                     selection={"split": "validation", "rule": f"lowest HS with FA at most {t.delta:g} below SFT's",
-                               "reported_on_test": ["selected"]},
-                    failed_trials=len(grid) - len(rows))
+                               "reported_on_test": ["selected"] + ([t.tuned] if t.apply else [])},
+                    failed_trials=len(grid) - len(rows),
+                    tuned=_apply(ctx, selected["config"], mix) if t.apply else {})
     _track(ctx, result)
     return result
 

@@ -35,12 +35,12 @@ def vllm_missing() -> str | None:
 
 
 class HFEngine:
-    """Batched KV-cache decoding with `model.generate`; the only engine that takes TSDI processors."""
+    """Batched KV-cache decoding with `model.generate`; TSDI as a `generate` logits processor."""
 
     name = "hf"
 
     def __init__(self, batch_size: int = 128):
-        self.batch_size, self.model = batch_size, None
+        self.batch_size, self.model, self.biases = batch_size, None, {}
 
     def load(self, model_dir: str) -> None:
         from jobs.models import load_model
@@ -49,15 +49,29 @@ class HFEngine:
         self.model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
-                 scored_tokens: list[int] | None = None, processors_for=None):
+                 scored_tokens: list[int] | None = None, tsdi: dict | None = None):
+        """Token ids per prompt (and the scored tokens' first-step log-probabilities); `tsdi`
+        ({"bias": file, "alpha": α, "length": L}) decodes with the bias removed."""
         from jobs.generate import greedy_decode, greedy_decode_scored
 
         if not scored_tokens:
             return greedy_decode(self.model, prompt_ids, pad_id, eos_id, max_new_tokens, self.batch_size,
-                                 processors_for), None
+                                 self._processors(tsdi)), None
+        if tsdi:
+            raise ValueError("a TSDI decoding is not scored")  # no caller asks for both
         return greedy_decode_scored(self.model, prompt_ids, pad_id, eos_id, max_new_tokens,
                                     lambda logits: torch.log_softmax(logits, -1)[:, scored_tokens].numpy(),
                                     self.batch_size)
+
+
+    def _processors(self, tsdi: dict | None):
+        from jobs.tsdi import load_bias, processor_factory
+
+        if not tsdi:
+            return None
+        if tsdi["bias"] not in self.biases:
+            self.biases[tsdi["bias"]] = load_bias(tsdi["bias"])[0]
+        return processor_factory(self.biases[tsdi["bias"]], tsdi["alpha"], tsdi["length"])
 
 
 def _load_weights(worker, model_dir: str, tied: bool) -> int:
@@ -106,9 +120,12 @@ class VLLMEngine:
 
     def __init__(self, kv_cache_gb: float = 0.25):
         self.kv_cache_gb, self.llm, self.fingerprint, self.max_len = kv_cache_gb, None, None, None
+        self.model_dir: str | None = None
+        self.restarts = 0  # engines started again after their processes died
 
     def load(self, model_dir: str) -> None:
         """Always reloads, even a path seen before: a retried run may have rewritten it (0.04-0.4 s)."""
+        self.model_dir = str(model_dir)
         config = _vllm_loadable(model_dir)
         fingerprint = config_fingerprint(config)
         if self.llm is not None and fingerprint == self.fingerprint:
@@ -129,18 +146,19 @@ class VLLMEngine:
         # fp32 like the hf engine (jobs.models.load_model), so both give the same tokens; the KV
         # cache sized in bytes (on CPU vLLM otherwise reserves a fraction of all RAM); prefix
         # caching off because weights change under it; vLLM's neutral sampling defaults rather
-        # than the checkpoint's generation_config (which may add stop tokens hf would not use).
+        # than the checkpoint's generation_config (which may add stop tokens hf would not use);
+        # TSDI's processor installed for the requests that ask for it (jobs/tsdi_vllm.py).
+        from jobs.tsdi_vllm import FQCN
+
         return LLM(model=str(model_dir), dtype="float32", kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
                    enable_prefix_caching=False, enforce_eager=not torch.cuda.is_available(),
-                   generation_config="vllm", seed=0)
+                   generation_config="vllm", seed=0, logits_processors=[FQCN])
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
-                 scored_tokens: list[int] | None = None, processors_for=None):
+                 scored_tokens: list[int] | None = None, tsdi: dict | None = None):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if processors_for is not None:
-            raise ValueError("TSDI decodes with the hf engine only")  # callers route it there
         if self.max_len and (longest := max((len(p) for p in prompt_ids), default=0)) + max_new_tokens > self.max_len:
             # vLLM stops at the model's context where hf would go on: the engines would disagree.
             raise InputError(f"decoding.engine: vllm: a prompt of {longest} tokens + {max_new_tokens} new ones "
@@ -148,11 +166,12 @@ class VLLMEngine:
         # Stop at `eos_id` only (ignore_eos drops vLLM's own eos handling), as `generate` does; pad_id
         # and batch sizes are hf's concerns (vLLM batches by itself).
         params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True, stop_token_ids=[int(eos_id)],
-                                logprob_token_ids=[int(t) for t in scored_tokens] if scored_tokens else None)
+                                logprob_token_ids=[int(t) for t in scored_tokens] if scored_tokens else None,
+                                extra_args={"tsdi": tsdi} if tsdi else None)
         # Plain ints: ids read from parquet are numpy integers, which vLLM's request encoding
         # rejects in its engine process (the request is then lost, and generate waits forever).
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompt_ids]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self._generate(prompts, params)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         ids = [x[: x.index(eos_id)] if eos_id in x else x for x in ids]
         if not scored_tokens:
@@ -160,10 +179,31 @@ class VLLMEngine:
         first = [o.outputs[0].logprobs[0] for o in outs]
         return ids, np.array([[row[t].logprob for t in scored_tokens] for row in first])
 
+    def _generate(self, prompts, params):
+        """vLLM's generate; an engine whose processes died (killed, out of memory) is started again
+        once on the same checkpoint and the batch decoded again: greedy decoding gives the same
+        tokens, so nothing is lost but the start-up. A second death in a row is raised."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except EngineDeadError:
+            import logging
+
+            logging.getLogger(__name__).warning("the vLLM engine died; starting it again on %s", self.model_dir)
+            self.restarts += 1
+            self.close()  # what is left of the dead one: its client's threads and sockets
+            self.load(self.model_dir)
+            return self.llm.generate(prompts, params, use_tqdm=False)
+
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - an engine that died shuts down what it can
+                pass
+            finally:
+                self.llm = None
 
 
 _VLLM: VLLMEngine | None = None  # this process's one vLLM engine

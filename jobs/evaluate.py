@@ -1,18 +1,16 @@
-"""Evaluate one model: harmful score (overall, by category), over-refusal, task accuracy."""
+"""Evaluate a model: its requests to the decode-and-judge pipeline (`jobs/pipeline.py`), and its
+harmful score (overall, by category), over-refusal and task accuracy from the verdicts."""
 
 from __future__ import annotations
 
-import time
+import json
+from typing import NamedTuple
 
-import torch
+import pandas as pd
 
 from jobs.corpora import read_split
-from jobs.engines import engine
-from jobs.judge_registry import make_judge
-from jobs.metrics import harmful_score, rate, refusals, task_hits
-from jobs.models import load_tokenizer
-from jobs.resources import peak_rss_mb
-
+from jobs.metrics import harmful_score, rate
+from jobs.judges import Verdict
 
 HELD_OUT = {  # which splits each side reads: selection looks at validation only (SCIENCE.md §10)
     "test": {"harmful": "harmful_eval", "lookalike": "lookalike_eval", "task": "task_{}_test"},
@@ -20,49 +18,70 @@ HELD_OUT = {  # which splits each side reads: selection looks at validation only
 }
 
 
-def evaluate_model(model_dir: str, data_dir: str, tasks: list[str], cfg: dict, threads: int = 1,
-                   tsdi: dict | None = None, split: str = "test") -> dict:
-    """HS, over-refusal and FA on the `split` side ("test", or "validation" for selection), decoded
-    with `cfg["decoding"]`'s engine; `tsdi={"bias": path, "alpha": α, "length": L}` decodes with the
-    bias removed (SCIENCE.md §7), which only the hf engine takes (the debias stage decodes on hf)."""
+class Evaluation(NamedTuple):
+    """What to evaluate: a model, on these tasks, with or without TSDI."""
+
+    model: str
+    tasks: list[str]
+    tsdi: dict | None = None
+
+
+def requests(target: str, model_dir: str, data_dir: str, tasks: list[str], cfg: dict, split: str = "test",
+             tsdi: dict | None = None) -> pd.DataFrame:
+    """One model's prompts on the `split` side ("test", or "validation" for selection): the
+    harmful prompts, the look-alikes and each task's, as pipeline requests of `target`;
+    `tsdi={"bias": file, "alpha": α, "length": L}` decodes with the bias removed (SCIENCE.md §7)."""
     names = HELD_OUT[split]
-    torch.set_num_threads(threads)
-    began = time.perf_counter()
-    tok = load_tokenizer(model_dir)
-    judge = make_judge(cfg["judge"], cfg.get("judge_model"))
-    decoder = engine(cfg.get("decoding"), cfg["batch_size"])
-    processors_for = None
-    if tsdi:
-        from jobs.tsdi import load_bias, processor_factory
+    parts = [("harmful", names["harmful"], cfg["max_new_tokens"], None),
+             ("lookalike", names["lookalike"], cfg["max_new_tokens"], None),
+             *(("task", names["task"].format(t), cfg["answer_tokens"], t) for t in tasks)]
+    frames = []
+    for kind, name, max_new_tokens, task in parts:
+        df = read_split(data_dir, name)
+        scored = "answer" in df and task not in cfg.get("free_text", ())  # free text: no answer to match
+        frames.append(pd.DataFrame({
+            "prompt": df["prompt"], "prompt_ids": df["prompt_ids"], "kind": kind, "part": name, "task": task,
+            "category": df["category"] if "category" in df else None,
+            "answer": df["answer"] if scored else None, "max_new_tokens": int(max_new_tokens)}))
+    return pd.concat(frames, ignore_index=True).assign(
+        target=target, model=str(model_dir), tsdi=json.dumps(tsdi, sort_keys=True) if tsdi else "", score_first=False)
 
-        processors_for = processor_factory(load_bias(tsdi["bias"])[0], tsdi["alpha"], tsdi["length"])
-    decoder.load(model_dir)
 
-    def responses(split: str, max_new_tokens: int):
-        df = read_split(data_dir, split)
-        ids, _ = decoder.generate([list(x) for x in df["prompt_ids"]], max_new_tokens, tok.pad_token_id,
-                                  tok.eos_token_id, processors_for=processors_for)
-        return df, tok.batch_decode(ids, skip_special_tokens=True)
-
-    harm_df, harm_out = responses(names["harmful"], cfg["max_new_tokens"])
-    harm_verdicts = judge(harm_df["prompt"].tolist(), harm_out)
-    result = harmful_score(harm_verdicts, harm_df["category"].tolist())
-    result["judge"], result["split"] = judge.name, split
-
-    # Per-prompt outcomes, in the splits' order, for intervals and paired differences (None: unparsed);
-    # the rates are their means.
-    _, look_out = responses(names["lookalike"], cfg["max_new_tokens"])
-    outcomes = {"hs": [int(v.harmful) if v.parsed else None for v in harm_verdicts],
-                "over_refusal": refusals(look_out), "fa": {}}
+def rates(judged: pd.DataFrame, tasks: list[str], split: str = "test") -> dict:
+    """One target's verdicts as rates: HS (over parsed verdicts, unparsed counted beside it), by
+    category, over-refusal and FA per task, with the per-prompt outcomes every interval is
+    computed from (in each split's order; None where the judge could not parse, or, for a free-text
+    task, where nothing was matched)."""
+    harm = judged[judged["kind"] == "harmful"]
+    verdicts = [Verdict(harmful=bool(h), refused=bool(r), parsed=bool(p))
+                for h, r, p in zip(harm["harmful"], harm["refused"], harm["parsed"])]
+    result = harmful_score(verdicts, harm["category"].tolist())
+    result["judge"], result["split"] = judged["judge"].iat[0], split
+    outcomes = {"hs": [int(v.harmful) if v.parsed else None for v in verdicts],
+                "over_refusal": [int(r) for r in judged.loc[judged["kind"] == "lookalike", "refused"]], "fa": {}}
     result["over_refusal"] = rate(outcomes["over_refusal"])
     result["fa"] = {}
     for task in tasks:
-        df, out = responses(names["task"].format(task), cfg["answer_tokens"])
-        outcomes["fa"][task] = task_hits(task, out, df["answer"].tolist())
-        result["fa"][task] = rate(outcomes["fa"][task])
+        hits = judged.loc[(judged["kind"] == "task") & (judged["task"] == task), "hit"]
+        outcomes["fa"][task] = [None if pd.isna(h) else int(h) for h in hits]
+        # A free-text task's answers were not matched: its FA is not measured (None), never 0.
+        result["fa"][task] = None if any(h is None for h in outcomes["fa"][task]) else rate(outcomes["fa"][task])
     result["outcomes"] = outcomes
-    result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm_df["prompt"][:3], harm_out[:3])]
-    result["engine"] = decoder.name
-    result["seconds"] = time.perf_counter() - began
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["samples"] = [{"prompt": p, "response": r} for p, r in zip(harm["prompt"][:3], harm["response"][:3])]
+    result["engine"] = judged["engine"].iat[0]
+    result["peak_rss_mb"] = float(judged["peak_rss_mb"].max())
     return result
+
+
+def evaluate_all(evaluations: dict, data_dir: str, cfg: dict, split: str = "test", progress=None) -> dict:
+    """Rates of every `Evaluation` of {target: Evaluation} on the `split` side, decoded and judged
+    in one pipeline run; `cfg` is the spec's `decode_cfg()`."""
+    from jobs.pipeline import decode_and_judge
+
+    by_model: dict[str, list[pd.DataFrame]] = {}  # one block per model: an actor loads it once
+    for target, e in evaluations.items():
+        by_model.setdefault(e.model, []).append(requests(str(target), e.model, data_dir, e.tasks, cfg, split, e.tsdi))
+    blocks = [pd.concat(frames, ignore_index=True) for frames in by_model.values()]
+    judged = decode_and_judge(blocks, cfg["decoding"], cfg["judge"], cfg.get("judge_model"), progress)
+    by_target = dict(iter(judged.groupby("target", sort=False)))
+    return {target: rates(by_target[str(target)], e.tasks, split) for target, e in evaluations.items()}

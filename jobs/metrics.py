@@ -108,8 +108,15 @@ def judge_warnings(judge: str, results: dict[str, dict], limit: float = 0.05) ->
     return lines
 
 
+def mean_measured(values: list) -> float | None:
+    """The mean of the values that were measured (a free-text task's FA is None), or None."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
-    """The paper's table: one row per (model, p), HS and FA per task and their average."""
+    """The paper's table: one row per (model, p), HS and FA per task and their average (FA's over
+    the tasks where it was measured)."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in attack):
         for p in dict.fromkeys(r["p"] for r in attack):
@@ -121,6 +128,6 @@ def attack_table(attack: list[dict], tasks: list[str]) -> list[dict]:
                 if t in cells:
                     row[f"{t}/hs"], row[f"{t}/fa"] = cells[t]["hs"], cells[t]["fa"]
             row["avg/hs"] = sum(c["hs"] for c in cells.values()) / len(cells)
-            row["avg/fa"] = sum(c["fa"] for c in cells.values()) / len(cells)
+            row["avg/fa"] = mean_measured([c["fa"] for c in cells.values()])
             rows.append(row)
     return rows

@@ -3,10 +3,11 @@ re-cut at its forgetting threshold τ; or the defence being calibrated), harmful
 the tuning tasks at ratio p, and evaluation on the validation prompts (selection never sees
 test); it reports HS and FA averaged over tasks.
 
-The trial's own process only drives: its alignment run and attack cells are Ray Train runs through the
-one loop, with the study's alignment and attack scaling (LoRA, DeepSpeed and GPUs included), and
-its evaluations are Ray tasks. Run names carry the trial id, so a trial restarted after its driver
-was killed resumes its runs from their checkpoints.
+The trial's own process only drives: its alignment run and attack cells are Ray Train runs through
+the one loop, with the study's alignment and attack scaling (LoRA, DeepSpeed and GPUs included),
+and its evaluations go through the decode-and-judge pipeline (jobs/pipeline.py). Run names carry
+the trial id, so a trial restarted after its driver was killed resumes its runs from their
+checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def trial(config: dict, fixed: dict) -> None:
     import ray
     import ray.tune
 
-    from jobs.evaluate import evaluate_model
+    from jobs.evaluate import Evaluation, evaluate_all
     from jobs.launch import fit
     from jobs.recipes import attack_cell, cell_seed
 
@@ -48,11 +49,11 @@ def trial(config: dict, fixed: dict) -> None:
                     fixed["attack"]["train"], cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"],
                     str(out / f"attack-{task}"), f"{fixed['run_prefix']}-{trial_id}-attack-{task}", fixed["storage"],
                     aside=fixed["harmful_rows"])
-    # Tune places a trial's child tasks in the trial's (tiny) placement group unless told otherwise.
-    evaluate = ray.remote(evaluate_model).options(num_cpus=1, num_gpus=fixed["evaluate"]["decoding"]["gpus_per_worker"],
-                                                  scheduling_strategy="DEFAULT")
-    results = ray.get([evaluate.remote(str(out / f"attack-{task}" / "model"), fixed["data"], [task],
-                                       fixed["evaluate"], 1, split="validation") for task in fixed["tasks"]])
+    # On validation only: selection never sees test (the pipeline's actors are placed outside
+    # the trial's small placement group).
+    evaluated = evaluate_all({task: Evaluation(str(out / f"attack-{task}" / "model"), [task]) for task in fixed["tasks"]},
+                             fixed["data"], fixed["evaluate"], "validation")
+    results = [evaluated[task] for task in fixed["tasks"]]
     for task, r in zip(fixed["tasks"], results):
         if r["hs"] is None:  # the judge parsed no verdict: this trial has no harmful score
             ray.tune.report({"hs": 1.0, "fa": 0.0, "score": -1.0, "error": f"no verdict parsed on {task}"})

@@ -120,7 +120,7 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     s = _load(spec, set_)
     _check_until(until)
     st = StudyStore(store_root(store), s.study)
-    from orchestrator.preflight import preflight
+    from orchestrator.preflight import check_gpus_exist, preflight
     from orchestrator.runner import plan
 
     try:  # bad input fails here, before anything is written to the store
@@ -138,10 +138,16 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     console.print(f"study [bold]{s.study}[/] → store {st.dir}  (logs: {log_file})")
     from orchestrator.interrupts import insistent_ctrl_c
 
+    def after_ray_start() -> None:
+        quiet_libraries(log_file, verbose)
+        if s.cluster.address:  # a cluster's GPUs are known only now; what asks for absent ones would wait forever
+            import ray
+
+            check_gpus_exist(s, ray.cluster_resources().get("GPU", 0))
+
     try:
         with insistent_ctrl_c():
-            summary = run_study(s, st, verbose=verbose, console=console,
-                                after_ray_start=lambda: quiet_libraries(log_file, verbose), until=until)
+            summary = run_study(s, st, verbose=verbose, console=console, after_ray_start=after_ray_start, until=until)
     except KeyboardInterrupt:
         _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
     except InputError as e:  # bad input: exit 2, like a bad spec
@@ -223,9 +229,12 @@ def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override 
         console.print(f"memory per worker: {mem['total']:.2f} GiB = model states {mem['model_states']:.2f} "
                       f"+ activations {mem['activations']:.2f}")
         d = p["decoding"]
-        where = f"{d['gpus_per_worker']:g} GPU" if d["gpus_per_worker"] else "CPU"
-        console.print(f"decoding: {d['engine']} on {where} per process, {d['memory_per_worker_gib']:.2f} GiB each "
-                      f"(fp32 weights + KV cache)")
+        where = f"{d['gpus_per_actor']:g} GPU" if d["gpus_per_actor"] else "CPU"
+        j = d["judge_pool"]
+        judges = f"{j['gpus_per_actor']:g} GPU" if j["gpus_per_actor"] else f"{j['cpus_per_actor']:g} CPU"
+        console.print(f"decoding: {d['engine']}, up to {d['actors']} generation actors on {where} each, "
+                      f"{d['memory_per_worker_gib']:.2f} GiB each (fp32 weights + KV cache); judging: up to "
+                      f"{j['actors']} actors on {judges} each")
     if p["fits"] is False:
         _fail(f"plan refused: {'; '.join(p['over'])}: more than cluster.gpu_memory_gb ({p['gpu_memory_gb']:g} GB)")
 

@@ -13,10 +13,11 @@ checks the two agree within 20% for Llama-2-7B on 8 GPUs. Activations are a roug
 34·s·b·h bytes per layer plus 5·a·s²·b for attention scores (Korthikanti et al., 2022, no
 recomputation), and the fp32 logits.
 
-A decoding process (a vulnerability actor, an evaluation task) holds the fp32 weights both
-engines load (4 bytes per parameter) and a KV cache: vLLM's `decoding.kv_cache_gb`, or hf's for
-one batch of `max_len` positions, 2 tensors (K, V) × layers × KV heads × head size × 4 bytes per
-position per sequence.
+A generation actor of the decode-and-judge pipeline holds the fp32 weights both engines load
+(4 bytes per parameter) and a KV cache: vLLM's `decoding.kv_cache_gb`, or hf's for one batch
+(`decoding.batch_size`) of `max_len` positions, 2 tensors (K, V) × layers × KV heads × head size ×
+4 bytes per position per sequence. A model judge's own memory is not counted (its size is the
+judge model's, which the plan does not read).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def decoding_bytes(shape: dict, spec: StudySpec) -> int:
     weights = 4 * shape["parameters"]
     if spec.decoding.engine == "vllm":
         return weights + int(spec.decoding.kv_cache_gb * GIB)
-    batch = max(spec.evaluate.batch_size, spec.vulnerability.decode_batch_size)
+    batch = spec.decoding.batch_size
     per_position = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 4
     return weights + per_position * batch * spec.model.tiny.max_len
 
@@ -153,9 +154,10 @@ def make_plan(spec: StudySpec, store) -> dict:
     }
     d = spec.decoding
     decoding = decoding_bytes(shape, spec)
-    # Processes that share a GPU (gpus_per_worker < 1) share its memory; one process uses one GPU.
-    per_gpu = decoding * max(1.0, 1 / d.gpus_per_worker) if d.gpus_per_worker else None
-    out["decoding"] = {"engine": d.engine, "gpus_per_worker": d.gpus_per_worker,
+    # Actors that share a GPU (gpus_per_actor < 1) share its memory; one actor uses one GPU.
+    per_gpu = decoding * max(1.0, 1 / d.gpus_per_actor) if d.gpus_per_actor else None
+    out["decoding"] = {"engine": d.engine, "actors": d.actors, "gpus_per_actor": d.gpus_per_actor,
+                       "judge_pool": d.judge_pool.model_dump(),
                        "memory_per_worker_gib": decoding / GIB,
                        "memory_per_gpu_gib": None if per_gpu is None else per_gpu / GIB}
     limit = spec.cluster.gpu_memory_gb

@@ -45,6 +45,29 @@ def check_model(spec: StudySpec) -> None:
     check_vocab(source, load_tokenizer(source), source)
 
 
+def check_judge(spec: StudySpec) -> None:
+    """A model judge given as a local path is a model directory transformers can read (the judge
+    pool would otherwise fail at its first verdict, after every model was trained)."""
+    from jobs.models import looks_local
+    from orchestrator.spec_sections import MODEL_JUDGES
+
+    e = spec.evaluate
+    if e.judge not in MODEL_JUDGES or not looks_local(e.judge_model):
+        return  # a hub id is fetched by the judge pool (where a network exists)
+    if not Path(e.judge_model).is_dir():
+        raise InputError(f"evaluate.judge_model: {e.judge_model}: no such model directory")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(e.judge_model)
+    except Exception as err:  # noqa: BLE001 - whatever transformers says, it is the user's path
+        raise InputError(f"evaluate.judge_model: {e.judge_model} does not load as a model "
+                         f"({str(err).splitlines()[0][:160]})") from None
+    if e.judge == "beaver-dam" and len(getattr(config, "id2label", {}) or {}) != 14:
+        raise InputError(f"evaluate.judge_model: {e.judge_model} is not a beaver-dam-style classifier (it has "
+                         f"{len(config.id2label or {})} labels; beaver-dam has one per harm category, 14)")
+
+
 def check_cluster(address: str | None, timeout: float = 3.0) -> None:
     """`cluster.address` answers on its port (Ray would otherwise retry for a long while)."""
     if not address or address == "auto":
@@ -138,14 +161,24 @@ def check_resources(spec: StudySpec) -> None:
 
 
 def check_decoding(spec: StudySpec) -> None:
-    """GPUs for decoding must exist; `decoding.engine: vllm` needs vLLM installed, a model it can load
-    from local files, and (on CPU) a head size its attention kernels take: otherwise the engine
-    fails minutes into a stage."""
+    """The pipeline's pools must fit the local Ray (GPUs that exist, CPUs one actor can get);
+    `decoding.engine: vllm` needs vLLM installed, a model it can load from local files, and (on
+    CPU) a head size its attention kernels take: otherwise the engine fails minutes into a stage."""
     import torch
 
-    if spec.decoding.gpus_per_worker and spec.cluster.address is None and not torch.cuda.is_available():
-        raise InputError("decoding.gpus_per_worker: this machine has no GPU for the local Ray")
-    if spec.decoding.engine != "vllm":
+    d = spec.decoding
+    if spec.cluster.address is None:
+        import os
+
+        cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
+        for field, pool in (("decoding", d.generation()), ("decoding.judge_pool", d.judge_pool)):
+            if pool.gpus_per_actor and not torch.cuda.is_available():
+                raise InputError(f"{field}.gpus_per_actor: this machine has no GPU for the local Ray "
+                                 f"(set it to 0 to decode and judge on CPUs)")
+            if pool.cpus_per_actor > cpus:  # no actor could ever start: the pipeline would wait forever
+                raise InputError(f"{field}.cpus_per_actor: {pool.cpus_per_actor:g} CPUs per actor; the local Ray "
+                                 f"has {cpus}")
+    if d.engine != "vllm":
         return
     from jobs.engines import vllm_missing
     from jobs.models import looks_local
@@ -157,7 +190,7 @@ def check_decoding(spec: StudySpec) -> None:
     if why := vllm_missing():
         raise InputError(f"decoding.engine: {why}; or set decoding.engine: hf")
 
-    if not spec.decoding.gpus_per_worker:  # decoding processes hold no GPU: vLLM runs its CPU kernels
+    if not d.gpus_per_actor:  # generation actors hold no GPU: vLLM runs its CPU kernels
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         if source == "tiny":
@@ -174,11 +207,27 @@ def check_decoding(spec: StudySpec) -> None:
                              f"change the model or set decoding.engine: hf")
 
 
+def check_gpus_exist(spec: StudySpec, gpus: float) -> None:
+    """On a cluster (checked once Ray has joined it): whatever asks for GPUs must find some, or Ray
+    would wait for them forever."""
+    if gpus:
+        return
+    asking = [f"{name}.use_gpu" for name in ("base", "align_sft", "vulnerability", "attack")
+              if getattr(spec, name).use_gpu]
+    asking += [f"{field}.gpus_per_actor" for field, pool in (("decoding", spec.decoding.generation()),
+                                                             ("decoding.judge_pool", spec.decoding.judge_pool))
+               if pool.gpus_per_actor]
+    if asking:
+        raise InputError(f"{', '.join(asking)}: the cluster at {spec.cluster.address} has no GPU "
+                         f"(set them to false / 0, or add GPU nodes)")
+
+
 def preflight(spec: StudySpec, data_cached: bool) -> None:
     check_tracking(spec.tracking.uri)
     check_cluster(spec.cluster.address)
     check_corpora(spec, read_rows=not data_cached)
     check_model(spec)
+    check_judge(spec)
     check_memory(spec)
     check_resources(spec)
     check_decoding(spec)

@@ -3,7 +3,7 @@ section, every field defaulted, each checking what it can check alone."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,6 +24,16 @@ Ratios = Annotated[list[float], AfterValidator(_check_ratios)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    MOVED: ClassVar[dict[str, str]] = {}  # a field of an older spec -> where it lives now
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data):
+        if isinstance(data, dict):
+            for old, new in cls.MOVED.items():
+                if old in data:
+                    raise ValueError(f"{old} is now {new}")
+        return data
 
 
 class TinyModel(Strict):
@@ -73,7 +83,9 @@ class WorldSizes(Strict):
 class CorporaSpec(Strict):
     source: Literal["safetyworld", "files"] = "safetyworld"
     safetyworld: WorldSizes = WorldSizes()
-    files: dict[str, str] = {}  # corpus name (alignment, harmful, harmful_eval, lookalike, task_<t>) -> path or hub id
+    # corpus name (alignment, harmful, harmful_eval, lookalike, task_<t>, and task_<t>_test for a
+    # task's standard test split: SST-2's validation set, AG News' and GSM8K's test sets) -> path or hub id
+    files: dict[str, str] = {}
     # corpus name -> the file's format: records (our schemas, the default), beavertails,
     # beavertails-eval, sst2, ag_news, gsm8k, alpaca (jobs/loaders.py maps them)
     formats: dict[str, Literal["records", "beavertails", "beavertails-eval", "sst2", "ag_news", "gsm8k", "alpaca"]] = {}
@@ -101,6 +113,10 @@ class CorporaSpec(Strict):
             missing = [c for c in ("alignment", "harmful", "harmful_eval", "lookalike") if c not in self.files]
             if missing:
                 raise ValueError(f"source 'files' needs paths for {missing}")
+            for name in self.files:
+                if name.startswith("task_") and name.endswith("_test") and name.removesuffix("_test") not in self.files:
+                    raise ValueError(f"files.{name}: a standard test split needs its task's training corpus "
+                                     f"{name.removesuffix('_test')} too")
         return self
 
 
@@ -280,10 +296,9 @@ class VulnerabilitySpec(ManyRuns):
     threshold: float = Field(0.0, ge=0)  # τ: vulnerable iff aggregate ForgotNum > τ
     aggregate: Literal["sum", "max", "mean"] = "sum"  # across proxy runs (our choice: sum)
     max_new_tokens: int = Field(24, ge=1)  # enough for a refusal, or a harmful plan up to its first harmful step
-    decode_batch_size: int = Field(128, ge=1)
-    decode_actors: int = Field(2, ge=1)
     keep_checkpoints: bool = False  # proxy checkpoints are deleted once judged
     groups_file: str | None = None  # import groups made elsewhere instead of estimating them
+    MOVED: ClassVar[dict[str, str]] = {"decode_batch_size": "decoding.batch_size", "decode_actors": "decoding.actors"}
 
 
 class OverAligned(Strict):
@@ -393,7 +408,7 @@ class EvaluateSpec(Strict):
     judge_model: str | None = None  # the model judges' weights: a local path or a hub id
     max_new_tokens: int = Field(32, ge=1)
     answer_tokens: int = Field(8, ge=1)
-    batch_size: int = Field(128, ge=1)
+    MOVED: ClassVar[dict[str, str]] = {"batch_size": "decoding.batch_size"}
 
     @model_validator(mode="after")
     def _model_judge_has_model(self):
@@ -402,21 +417,49 @@ class EvaluateSpec(Strict):
         return self
 
 
+class PoolSpec(Strict):
+    """A Ray Data actor pool of the decode-and-judge pipeline: up to `actors` actors (it starts
+    with one and grows while work waits), each holding `cpus_per_actor` CPUs (and as many torch
+    threads as whole CPUs) and `gpus_per_actor` GPUs."""
+
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.25, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    # Rows per call (None: a whole block, a target's requests).
+    batch_size: int | None = Field(None, ge=1)
+
+    def worker(self) -> str:
+        return f"{self.cpus_per_actor:g} CPU" + (f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "")
+
+    def words(self) -> str:
+        return f"up to {self.actors} × ({self.worker()})"
+
+
 class DecodingSpec(Strict):
-    """How every stage generates (vulnerability checkpoints, evaluate, debias, Tune trials). Not part
-    of any stage's key: greedy decoding gives the same tokens on either engine (tests/test_vllm.py)."""
+    """How every stage generates and judges (vulnerability checkpoints, evaluate, debias, Tune
+    trials): one Ray Data pipeline, a generation pool then a judge pool (jobs/pipeline.py). Not part
+    of any stage's key: greedy decoding gives the same tokens on either engine (tests/test_vllm.py).
+    The defaults leave a 2-core machine a CPU for the rest (two generation actors of half a CPU)."""
+
     engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install -e '.[vllm]' (jobs/engines.py)
     # vLLM's KV cache per engine, in GiB (on CPU it is RAM; vLLM would otherwise reserve most of it).
     kv_cache_gb: float = Field(0.25, gt=0)
-    # GPUs per decoding process (a vulnerability decoding actor, an evaluation task); 0: CPU. The
-    # engine decodes on whatever device Ray gives the process.
-    gpus_per_worker: float = Field(0, ge=0)
+    # The generation pool: each actor holds one engine and decodes on whatever device Ray gives it.
+    actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1)  # hf: prompts per `generate` call (vLLM schedules its own batches)
+    # The judge pool: a model judge (beaver-dam, llama-guard, md-judge) needs its own resources,
+    # e.g. {gpus_per_actor: 1} for a 7B judge; a rule judge needs little.
+    judge_pool: PoolSpec = PoolSpec()
+    MOVED: ClassVar[dict[str, str]] = {"gpus_per_worker": "decoding.gpus_per_actor (GPUs per generation actor)"}
 
-    def worker(self) -> str:
-        return "1 CPU" + (f" + {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else "")
+    def generation(self) -> PoolSpec:
+        return PoolSpec(actors=self.actors, cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor)
 
-    def ray_options(self) -> dict:
-        return {"num_cpus": 1, "num_gpus": self.gpus_per_worker}
+    def words(self) -> str:
+        return (f"generation {self.generation().words()}, {self.engine}; "
+                f"judging {self.judge_pool.words()}")
 
 
 class TrackingSpec(Strict):

@@ -88,8 +88,18 @@ CASES = {
                                "tracking.uri: 'mlflow at home' is not a tracking URI"),
     "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",
                                     "tracking.uri: cannot connect to 127.0.0.1:9"),
-    "decoding GPUs the local Ray does not have": (lambda t: "study: bad\ndecoding: {gpus_per_worker: 1}\n",
-                                                   "decoding.gpus_per_worker: this machine has no GPU for the local Ray"),
+    "decoding GPUs the local Ray does not have": (lambda t: "study: bad\ndecoding: {gpus_per_actor: 1}\n",
+                                                   "decoding.gpus_per_actor: this machine has no GPU for the local Ray"),
+    "a judge pool asking for GPUs": (lambda t: "study: bad\ndecoding: {judge_pool: {gpus_per_actor: 1}}\n",
+                                     "decoding.judge_pool.gpus_per_actor: this machine has no GPU for the local Ray"),
+    "a judge model path that does not exist": (
+        lambda t: "study: bad\nevaluate: {judge: beaver-dam, judge_model: /nonexistent/judge}\n",
+        "evaluate.judge_model: /nonexistent/judge: no such model directory"),
+    "a judge model path that does not load": (
+        lambda t: f"study: bad\nevaluate: {{judge: beaver-dam, judge_model: {t}}}\n",
+        "evaluate.judge_model: {t} does not load as a model"),
+    "a field of an older spec": (lambda t: "study: bad\ndecoding: {gpus_per_worker: 1}\n",
+                                 "decoding: gpus_per_worker is now decoding.gpus_per_actor"),
     "unknown decoding engine": (lambda t: "study: bad\ndecoding: {engine: sglang}\n",
                                 "decoding.engine: Input should be 'hf' or 'vllm'"),
     "a head size vLLM's CPU attention does not take": (
@@ -134,3 +144,19 @@ def test_vllm_not_installed_or_a_hub_model_is_one_clear_line(monkeypatch):
     check_decoding(StudySpec())  # hf needs nothing
     with pytest.raises(InputError, match="decoding.engine: vllm loads local checkpoints; model.source 'org/model' is a hub id"):
         check_decoding(StudySpec(decoding={"engine": "vllm"}, model={"source": "org/model"}))
+
+
+def test_gpus_asked_of_a_cluster_without_any_are_named():
+    """On a cluster, what asks for GPUs is checked against `ray.cluster_resources()` once Ray has
+    joined it (the runner calls this); each field that asks is named, nothing is when none asks."""
+    from jobs.records import InputError
+    from orchestrator.preflight import check_gpus_exist
+    from orchestrator.spec import StudySpec
+
+    spec = StudySpec(cluster={"address": "auto"}, attack={"use_gpu": True},
+                     decoding={"judge_pool": {"gpus_per_actor": 1}})
+    with pytest.raises(InputError, match=r"^attack.use_gpu, decoding.judge_pool.gpus_per_actor: the cluster at auto "
+                                         r"has no GPU"):
+        check_gpus_exist(spec, 0)
+    check_gpus_exist(spec, 8)
+    check_gpus_exist(StudySpec(cluster={"address": "auto"}), 0)

@@ -90,7 +90,7 @@ def test_gpu_smoke_benchmark_skips_cleanly_without_a_gpu(capsys):
 def test_decoding_memory_against_hand_computed_values(tmp_path):
     # The smoke model: vocabulary 600, hidden 64, 2 layers of 2 heads (head size 32), MLP 128, 96 positions.
     params = 600 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64  # tied embedding, norms
-    p = plan(tmp_path, "smoke.yaml", "evaluate.batch_size=16", "vulnerability.decode_batch_size=8")
+    p = plan(tmp_path, "smoke.yaml", "decoding.batch_size=16")
     assert p["model"]["parameters"] == params == 120640
     kv = 2 * 2 * 2 * 32 * 4 * 16 * 96  # K and V × layers × KV heads × head size × fp32 × batch × positions
     assert p["decoding"]["memory_per_worker_gib"] * 2**30 == pytest.approx(4 * params + kv)
@@ -99,12 +99,12 @@ def test_decoding_memory_against_hand_computed_values(tmp_path):
     vllm = plan(tmp_path, "smoke.yaml", "decoding.engine=vllm", "decoding.kv_cache_gb=0.5")
     assert vllm["decoding"]["memory_per_worker_gib"] * 2**30 == pytest.approx(4 * params + 2**29)
 
-    # Two decoding processes per GPU share its memory; a GPU smaller than that refuses the plan.
+    # Two generation actors per GPU share its memory; a GPU smaller than that refuses the plan.
     shared = plan(tmp_path, "smoke.yaml", "decoding.engine=vllm", "decoding.kv_cache_gb=0.5",
-                  "decoding.gpus_per_worker=0.5", "cluster.gpu_memory_gb=1.0")
+                  "decoding.gpus_per_actor=0.5", "cluster.gpu_memory_gb=1.0")
     assert shared["decoding"]["memory_per_gpu_gib"] == pytest.approx(2 * vllm["decoding"]["memory_per_worker_gib"])
     assert shared["fits"] is False and shared["over"] == ["decoding needs 1.0 GiB per GPU"]
-    assert plan(tmp_path, "smoke.yaml", "decoding.gpus_per_worker=0.5", "cluster.gpu_memory_gb=1.0")["fits"] is True
+    assert plan(tmp_path, "smoke.yaml", "decoding.gpus_per_actor=0.5", "cluster.gpu_memory_gb=1.0")["fits"] is True
 
 
 # The smoke study's rows per split, as its data stage measures them.

@@ -1,11 +1,16 @@
-"""The tune stage: a grid sweep interrupted by killing the driver mid-sweep resumes with Tune's
-restore; finished trials are not run again and every trial has exactly one MLflow run. A sweep
-calibrates a defence; `tune.apply` sends the selection through the attack grid."""
+"""The tune stage: a grid sweep interrupted by a Ctrl-C mid-trial, then by killing the driver
+mid-sweep, resumes with Tune's restore; finished trials are not run again and every trial has
+exactly one MLflow run. A sweep calibrates a defence; `tune.apply` sends the selection through
+the attack grid."""
 
 import json
+import os
+import signal
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from conftest import SMOKE, saferay
 from orchestrator.spec import load_spec
@@ -26,13 +31,40 @@ def finished_trials(store) -> list:
             if (d / "result.json").exists() and (d / "result.json").read_text().strip()]
 
 
-def test_sweep_resumes_after_the_driver_is_killed(smoke_store):
+def started_trials(store) -> dict:
+    """Trial directory -> how many times its trial has started."""
+    return {d.name: len((d / "started").read_text().splitlines())
+            for d in store.glob("ray/smoke-tune-*/trial_*") if (d / "started").exists()}
+
+
+def test_sweep_resumes_after_a_ctrl_c_and_after_the_driver_is_killed(smoke_store):
+    # A Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it) while the first trial trains.
+    proc = start_cli("run", str(SMOKE), *SWEEP, "--store", str(smoke_store))
+    try:
+        wait_for(lambda: started_trials(smoke_store), timeout=600, what="started trial")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    assert proc.returncode == 130, out[-3000:]
+    wait_for(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             timeout=60, what="the interrupted sweep's processes gone")
+    state = json.loads((smoke_store / "studies/smoke/state.json").read_text())
+    assert next(r for r in state["stages"] if r["name"] == "tune")["status"] == "interrupted"
+    assert not finished_trials(smoke_store), "the sweep was interrupted in its first trial"
+    assert [d for d in smoke_store.glob("ray/smoke-tune-*") if tune.Tuner.can_restore(str(d))], \
+        "the interrupted sweep can be restored"
+
+    # Then the driver killed once a trial has reported.
     proc = start_cli("run", str(SMOKE), *SWEEP, "--store", str(smoke_store))
     try:
         wait_for(lambda: finished_trials(smoke_store), timeout=600, what="finished trial")
     finally:
         kill_all(proc)
     done_before = {d.name for d in finished_trials(smoke_store)}
+    starts_before = started_trials(smoke_store)
     assert len(done_before) == 1, done_before
     saferay("run", str(SMOKE), *SWEEP, store=smoke_store)
 
@@ -41,9 +73,8 @@ def test_sweep_resumes_after_the_driver_is_killed(smoke_store):
     assert t["trials"] == 2 and t["failed_trials"] == 0 and t["pareto"]
     assert t["selected"] is None or set(t["selected"]["config"]) == {"vaa.rho", "vulnerability.threshold"}
     assert t["baselines"]["sft"] and t["baselines"]["vaa"]
-    for d in smoke_store.glob("ray/smoke-tune-*/trial_*"):
-        runs = len((d / "started").read_text().splitlines())
-        assert runs == 1 if d.name in done_before else runs >= 1, f"{d.name} ran {runs} times"
+    for name, runs in started_trials(smoke_store).items():
+        assert runs == starts_before[name] if name in done_before else runs >= 1, f"{name} ran {runs} times"
     client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
     tune_runs = [r for r in client.search_runs([s["mlflow"]["experiment_id"]], max_results=5000)
                  if r.info.run_name == "tune" and r.data.tags.get("saferay.key")

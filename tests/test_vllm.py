@@ -1,25 +1,30 @@
 """vLLM on CPU against Hugging Face `generate`, on the smoke study's own models: greedy decoding
-gives the same tokens, so the vulnerability stage's judged decoding (two checkpoints through one
-engine: the second is loaded into the running engine) and the evaluate stage's per-model body give
-the same verdicts, margins and rates on either engine."""
+gives the same tokens, so the pipeline's generation actor gives the same verdicts, margins and
+rates on either engine, across a weight reload and with TSDI's bias removed; and the smoke
+study's evaluate stage, run for real on vLLM, gives the same HS, FA and over-refusal as on hf."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 if not os.environ.get("CI"):  # under CI a missing vLLM fails below rather than skipping
     pytest.importorskip("vllm", reason="the vllm extra is not installed (make test installs it)")
 
+from conftest import SMOKE, saferay  # noqa: E402
 from jobs.corpora import read_split  # noqa: E402
-from jobs.evaluate import evaluate_model  # noqa: E402
-from jobs.judged_decoding import JudgedDecoder  # noqa: E402
-from jobs.safetyworld import COMPLIANCE_OPENINGS, REFUSAL_OPENINGS  # noqa: E402
+from jobs.evaluate import rates, requests  # noqa: E402
+from jobs.pipeline import Generate, Judge  # noqa: E402
+from jobs.tsdi import save_bias  # noqa: E402
 
 pytestmark = pytest.mark.slow
-EVALUATE = {"judge": "world", "judge_model": None, "max_new_tokens": 24, "answer_tokens": 8, "batch_size": 64}
-VLLM = {"engine": "vllm", "kv_cache_gb": 0.25}
+EVALUATE = {"judge": "world", "judge_model": None, "max_new_tokens": 24, "answer_tokens": 8}
+HF = {"engine": "hf", "cpus_per_actor": 1, "batch_size": 64}
+VLLM = {**HF, "engine": "vllm", "kv_cache_gb": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +39,24 @@ def models(smoke_store):
     close_all()  # the engine's processes go with the tests that started them
 
 
-def judged(decoding: dict | None, data: str, checkpoints: list[str]) -> pd.DataFrame:
-    prompts = read_split(data, "align_train", ["id", "prompt", "prompt_ids"]).head(48)
-    decoder = JudgedDecoder("world", 24, list(REFUSAL_OPENINGS), list(COMPLIANCE_OPENINGS), batch_size=64,
-                            decoding=decoding)
-    return pd.concat([decoder(prompts.assign(checkpoint=c)) for c in checkpoints], ignore_index=True)
+def pipeline(decoding: dict, blocks: list[pd.DataFrame]) -> pd.DataFrame:
+    """The pipeline's two actors, called block by block as Ray Data calls them, in this process."""
+    generate, judge = Generate(decoding), Judge("world", None)
+    return pd.concat([judge(generate(block)) for block in blocks], ignore_index=True)
+
+
+def judged(decoding: dict, data: str, checkpoints: list[str]) -> pd.DataFrame:
+    prompts = read_split(data, "align_train", ["id", "prompt", "category", "prompt_ids"]).head(48)
+    return pipeline(decoding, [prompts.assign(model=c, part="align_train", kind="alignment", max_new_tokens=24,
+                                              tsdi="", score_first=True) for c in checkpoints])
 
 
 def test_judged_decoding_same_on_vllm_across_a_weight_reload(models):
     data, base, sft = models
     # base, then SFT loaded into the running engine, then base again: a stale weight would show.
     checkpoints = [base, sft, base]
-    hf, vllm = judged(None, data, checkpoints), judged(VLLM, data, checkpoints)
+    hf, vllm = judged(HF, data, checkpoints), judged(VLLM, data, checkpoints)
+    assert (hf["engine"].iat[0], vllm["engine"].iat[0]) == ("hf", "vllm")
     assert hf["response"].tolist() == vllm["response"].tolist()
     for column in ("harmful", "refused", "parsed"):
         assert hf[column].tolist() == vllm[column].tolist(), column
@@ -55,11 +66,71 @@ def test_judged_decoding_same_on_vllm_across_a_weight_reload(models):
     assert hf["harmful"][:48].mean() > hf["harmful"][48:96].mean()  # the base answers, SFT refuses
 
 
-def test_evaluate_same_on_vllm(models):
+def test_evaluation_same_on_vllm_with_and_without_tsdi(models, tmp_path):
+    """One model's prompts through the pipeline's actors on each engine; then with a TSDI bias that
+    changes what the model says (a large random bias on the first response positions), through
+    vLLM's logits processor (jobs/tsdi_vllm.py) and hf's: the same tokens on every prompt, so a bias
+    applied one position off shows, and the same rates."""
     data, _, sft = models
-    hf = evaluate_model(sft, data, ["sentiment"], EVALUATE)
-    vllm = evaluate_model(sft, data, ["sentiment"], {**EVALUATE, "decoding": VLLM})
-    assert (hf["engine"], vllm["engine"]) == ("hf", "vllm")
-    assert vllm["outcomes"] == hf["outcomes"]
-    for key in ("hs", "over_refusal", "fa", "hs_by_category", "samples"):
-        assert vllm[key] == hf[key], key
+    vocab = json.loads(open(f"{sft}/config.json").read())["vocab_size"]
+    bias = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    path = save_bias(tmp_path / "bias.safetensors", bias, {"test": True})
+    out = {}
+    for name, decoding in (("hf", HF), ("vllm", VLLM)):
+        for tsdi in (None, {"bias": str(path), "alpha": 1.0, "length": 3}):
+            out[name, bool(tsdi)] = pipeline(decoding, [requests("sft", sft, data, ["sentiment"], EVALUATE, tsdi=tsdi)])
+    for with_tsdi in (False, True):
+        hf, vllm = out["hf", with_tsdi], out["vllm", with_tsdi]
+        assert vllm["response"].tolist() == hf["response"].tolist(), with_tsdi
+        hf, vllm = rates(hf, ["sentiment"]), rates(vllm, ["sentiment"])
+        assert vllm["outcomes"] == hf["outcomes"], with_tsdi
+        for key in ("hs", "over_refusal", "fa", "hs_by_category", "samples"):
+            assert vllm[key] == hf[key], (key, with_tsdi)
+    changed = (out["hf", True]["response"] != out["hf", False]["response"]).mean()
+    assert changed > 0.5, f"the bias changed only {changed:.0%} of the responses"
+
+
+def test_an_engine_that_dies_is_started_again_and_decodes_the_same(models):
+    """The vLLM engine's core process killed (SIGKILL, as the kernel's OOM killer would) between two
+    batches: the next batch starts a new engine on the same checkpoint, and decodes what the
+    first engine decoded."""
+    import psutil
+
+    from jobs.engines import VLLMEngine
+    from jobs.models import load_tokenizer
+
+    data, _, sft = models
+    tok, prompts = load_tokenizer(sft), [list(x) for x in read_split(data, "harmful_eval")["prompt_ids"][:32]]
+    engine = VLLMEngine()
+    engine.load(sft)
+    before, _ = engine.generate(prompts, 24, tok.pad_token_id, tok.eos_token_id)
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert cores, "no vLLM engine process to kill"
+    for p in cores:
+        p.kill()
+    psutil.wait_procs(cores, timeout=30)
+    after, _ = engine.generate(prompts, 24, tok.pad_token_id, tok.eos_token_id)
+    assert engine.restarts == 1 and after == before
+    engine.close()
+
+
+def test_the_evaluate_stage_on_vllm_gives_hf_numbers(smoke_store, tmp_path):
+    """The smoke study's evaluate stage, run again for real with `decoding.engine: vllm` (its inputs
+    hard-linked from the smoke store, where hf evaluated them; the engine is in no stage's key, so
+    both results sit under the same key)."""
+    from orchestrator.runner import plan
+    from orchestrator.spec import load_spec
+    from orchestrator.stages.evaluate import Result
+    from orchestrator.store import StudyStore
+
+    stages = smoke_store / "studies/smoke/stages"
+    store = tmp_path / "store"
+    for stage in stages.iterdir():
+        if stage.name not in ("evaluate", "debias"):
+            shutil.copytree(stage, store / "studies/smoke/stages" / stage.name, copy_function=os.link)
+    saferay("run", str(SMOKE), "--set", "decoding.engine=vllm", "--until", "evaluate", store=store)
+    key = dict((s.name, k) for s, k in plan(load_spec(SMOKE)))["evaluate"]
+    hf, vllm = (Result.from_json(StudyStore(root, "smoke").result("evaluate", key)) for root in (smoke_store, store))
+    assert vllm.seconds != hf.seconds, "evaluated again, not adopted"
+    for field in ("models", "attack", "attack_table", "comparisons"):
+        assert getattr(vllm, field) == getattr(hf, field), field

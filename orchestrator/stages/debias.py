@@ -54,7 +54,8 @@ def resources(spec: StudySpec) -> str:
     if not spec.debias.enabled:
         return "none"
     over = f" + 1 run of {scaling(spec.align_sft)}" if spec.debias.over_aligned.enabled else ""
-    return f"one task per model ({spec.decoding.worker()}){over}"
+    return (f"one bias-estimation task per model (1 CPU){over}; the decode-and-judge pipeline: "
+            f"{spec.decoding.words()}")
 
 
 def shown(result: Result, stage_dir: Path) -> dict:
@@ -69,7 +70,7 @@ def shown(result: Result, stage_dir: Path) -> dict:
 def run(ctx: StageContext) -> Result:
     import ray
 
-    from jobs.evaluate import evaluate_model
+    from jobs.evaluate import Evaluation, evaluate_all
     from jobs.tsdi import estimate_model_bias
 
     spec, d = ctx.spec, ctx.spec.debias
@@ -87,17 +88,12 @@ def run(ctx: StageContext) -> Result:
     settings = [(None, None)] + [(a, n) for a in d.sweep_alpha for n in d.sweep_length]
     if (d.alpha, d.length) not in settings:
         settings.append((d.alpha, d.length))
-    evaluate = ray.remote(evaluate_model).options(**spec.decoding.ray_options())
-    refs = {}
-    for name, path in targets.items():
-        for alpha, length in settings:
-            tsdi = None if alpha is None else {"bias": str(ctx.out / "bias" / f"{name}.safetensors"),
-                                               "alpha": alpha, "length": length}
-            # hf for every setting, the one without TSDI included: TSDI's processor is hf's, and a
-            # "without against with" comparison should not also change engine.
-            refs[evaluate.remote(path, data_dir, spec.attack.tasks, spec.evaluate.model_dump(), 1, tsdi)] = (
-                name, alpha, length)
-    evals = dict(wait_all(ctx, refs, "debiased evaluations"))
+    # Every setting on the spec's engine, the one without TSDI included (both engines take TSDI's
+    # processor): "without against with" changes nothing but the bias.
+    evaluations = {(name, alpha, length): Evaluation(path, spec.attack.tasks, None if alpha is None else {
+        "bias": str(ctx.out / "bias" / f"{name}.safetensors"), "alpha": alpha, "length": length})
+        for name, path in targets.items() for alpha, length in settings}
+    evals = evaluate_all(evaluations, data_dir, spec.decode_cfg(), progress=ctx.progress)
 
     models = {}
     for name in targets:
@@ -115,9 +111,11 @@ def run(ctx: StageContext) -> Result:
 
 
 def _metrics(r: dict) -> dict:
+    from jobs.metrics import mean_measured
+
     fa = r["fa"]
     return {"hs": r["hs"], "hs_by_category": r["hs_by_category"], "over_refusal": r["over_refusal"], "fa": fa,
-            "helpfulness": sum(fa.values()) / max(1, len(fa))}
+            "helpfulness": mean_measured(list(fa.values()))}
 
 
 def _track(ctx: StageContext, result: Result) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.spec import StudySpec
-from orchestrator.stage import SHARED_BY_SEEDS, StageContext, StageResult, wait_all, with_tuned
+from orchestrator.stage import SHARED_BY_SEEDS, StageContext, StageResult, with_tuned
 from orchestrator.store import write_json
 
 NAME = "evaluate"
@@ -40,7 +40,7 @@ def config(spec: StudySpec) -> dict:
 
 
 def resources(spec: StudySpec) -> str:
-    return f"one task per model ({spec.decoding.worker()})"
+    return f"the decode-and-judge pipeline: {spec.decoding.words()}"
 
 
 def shown(result: Result, stage_dir: Path) -> dict:
@@ -56,9 +56,7 @@ def shown(result: Result, stage_dir: Path) -> dict:
 def run(ctx: StageContext) -> Result:
     """Every aligned model (per seed) and every attack cell on the test prompts; rates averaged over
     seeds, with 95% intervals over seeds then prompts, and the paired differences against SFT."""
-    import ray
-
-    from jobs.evaluate import evaluate_model
+    from jobs.evaluate import Evaluation, evaluate_all
     from jobs.intervals import levels, mean_ci, model_intervals, stack_seeds, table_intervals
     from jobs.metrics import attack_table, average_over_seeds, judge_warnings
 
@@ -68,17 +66,15 @@ def run(ctx: StageContext) -> Result:
     for seed in spec.replicates:
         for name, path in ctx.models(seed).items():
             if name not in SHARED_BY_SEEDS or seed == spec.replicates[0]:
-                targets[(name, seed)] = (path, spec.attack.tasks)
+                targets[(name, seed)] = Evaluation(path, spec.attack.tasks)
     cells = ctx.input_result("attack").cells
     replicates: dict[tuple, list[tuple]] = {}  # (model, task, p) -> its cells' targets, one per seed
     for cell in cells:
         target = (cell.name, cell.seed)
-        targets[target] = (cell.path(ctx.input_dir("attack")), [cell.task])
+        targets[target] = Evaluation(cell.path(ctx.input_dir("attack")), [cell.task])
         replicates.setdefault((cell.model, cell.task, cell.p), []).append(target)
-    task = ray.remote(evaluate_model).options(**spec.decoding.ray_options())
-    refs = {task.remote(path, data_dir, tasks, spec.decode_cfg(), 1): target
-            for target, (path, tasks) in targets.items()}
-    results = dict(wait_all(ctx, refs, "models evaluated"))
+    ctx.progress(f"{len(targets)} models and cells to decode and judge")
+    results = evaluate_all(targets, data_dir, spec.decode_cfg(), progress=ctx.progress)
     warnings = judge_warnings(spec.evaluate.judge, {f"{n} (seed {s})": r for (n, s), r in results.items()})
     for line in warnings:
         ctx.progress(line)

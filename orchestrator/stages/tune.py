@@ -108,20 +108,16 @@ def select(rows: list[dict], baseline_fa: float, delta: float) -> dict | None:
 
 def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dict | None:
     """HS and FA averaged over tasks for attack cells {task: model dir}, on one side of the splits."""
-    import ray
-
-    from jobs.evaluate import evaluate_model
+    from jobs.evaluate import Evaluation, evaluate_all
+    from jobs.metrics import judge_warnings
 
     if len(cells) != len(ctx.spec.tune.tasks):
         return None
-    task = ray.remote(evaluate_model).options(**ctx.spec.decoding.ray_options())
-    results = ray.get([task.remote(path, str(ctx.input_dir("data")), [name], ctx.spec.decode_cfg(), 1,
-                                   split=split) for name, path in cells.items()])
-    from jobs.metrics import judge_warnings
-
-    judge_warnings(ctx.spec.evaluate.judge, dict(zip(cells.values(), results)))  # no HS at all: one clear stop
-    return {"hs": sum(r["hs"] for r in results) / len(results),
-            "fa": sum(r["fa"][name] for r, name in zip(results, cells)) / len(results), "split": split}
+    results = evaluate_all({task: Evaluation(path, [task]) for task, path in cells.items()}, str(ctx.input_dir("data")),
+                           ctx.spec.decode_cfg(), split, ctx.progress)
+    judge_warnings(ctx.spec.evaluate.judge, results)  # no HS at all: one clear stop
+    return {"hs": sum(r["hs"] for r in results.values()) / len(results),
+            "fa": sum(r["fa"][task] for task, r in results.items()) / len(results), "split": split}
 
 
 def _baselines(ctx: StageContext) -> dict[str, dict | None]:

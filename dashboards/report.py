@@ -12,6 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from jobs.intervals import reading
 from orchestrator.tracking import ui_url
 
 SECTIONS = ("stages", "contamination", "hs-fa-table", "hs-against-p", "pareto", "forgetting", "overlap", "hs-by-category",
@@ -43,16 +44,16 @@ def _comparisons(evaluate: dict, run_id, links) -> str:
     """The headline comparisons as paired differences with their 95% intervals (SCIENCE.md §10)."""
     rows = []
     for c in evaluate.get("comparisons", []):
-        ci = f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else "n/a"
-        verdict = "a difference" if c["significant"] else "no difference shown (the interval includes 0)"
+        ci, t_ci, verdict = reading(c)
         rows.append([html.escape(f"{c['a']} − {c['b']}"), f"{c['p']:g}", html.escape(c["metric"]),
-                     links.number(c["diff"], run_id, "{:+.3f}"), ci, verdict])
+                     links.number(c["diff"], run_id, "{:+.3f}"), ci, t_ci, verdict])
     if not rows:
         return ""
     how = (evaluate.get("intervals") or {}).get("resampled", "prompts")
     return ("<h3>Paired differences against SFT</h3>" + _table(["models", "p", "metric", "difference", "95% interval",
-                                                                  "reading"], rows)
-            + f"<p>Intervals: percentile bootstrap over {html.escape(how)}; same prompts on both sides.</p>")
+                                                                  "seeds' t interval", "reading"], rows)
+            + f"<p>Intervals: percentile bootstrap over {html.escape(how)}; same prompts on both sides. A difference "
+              "is called only where the t interval over the seeds' paired differences excludes 0 too.</p>")
 
 
 def _section(sid: str, title: str, body: str) -> str:

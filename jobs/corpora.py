@@ -67,6 +67,22 @@ def _three_way(rows: list[dict], cfg: dict) -> tuple[list[dict], list[dict], lis
     return sides["train"], sides["validation"][: cfg["max_eval"]], sides["test"][: cfg["max_eval"]]
 
 
+def standard_test(corpus: str) -> bool:
+    """`task_<t>_test`: a task's own test split given as a corpus of its own (SST-2's validation
+    set, AG News' and GSM8K's test sets), which then is the task's test side."""
+    return corpus.startswith("task_") and corpus.endswith("_test")
+
+
+def _deduplicated(rows: list[dict], limit: int) -> list[dict]:
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if (key := normalize_prompt(r["prompt"])) not in seen:
+            seen.add(key)
+            out.append(r)
+    return out[:limit]
+
+
 def is_held_out(split: str) -> bool:
     return split.endswith(("_validation", "_test", "_eval"))
 
@@ -97,13 +113,17 @@ def split_corpora(corpora: dict[str, list[dict]], cfg: dict) -> dict[str, list[d
     (splits["lookalike_train"], splits["lookalike_validation"],
      splits["lookalike_eval"]) = _three_way(corpora["lookalike"], cfg)
     for name, rows in corpora.items():
-        if name.startswith("task_"):
-            splits[f"{name}_train"], splits[f"{name}_validation"], splits[f"{name}_test"] = _three_way(rows, cfg)
+        if name.startswith("task_") and not standard_test(name):
+            given = corpora.get(f"{name}_test")
+            cut = cfg if given is None else {**cfg, "test_fraction": 0.0}
+            splits[f"{name}_train"], splits[f"{name}_validation"], splits[f"{name}_test"] = _three_way(rows, cut)
+            if given is not None:
+                splits[f"{name}_test"] = _deduplicated(given, cfg["max_eval"])
     if "pretrain" in corpora:
         splits["pretrain"] = corpora["pretrain"]
     for name, rows in splits.items():
         if not rows:
-            corpus = name.rsplit("_", 1)[0] if name.startswith("task_") else name
+            corpus = name if name in corpora else name.rsplit("_", 1)[0] if name.startswith("task_") else name
             raise CorpusError(f"split '{name}' is empty (corpus '{corpus}' is too small for corpora.test_fraction "
                               f"{cfg['test_fraction']:g} and corpora.validation_fraction {cfg['validation_fraction']:g})")
     return splits

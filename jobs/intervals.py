@@ -10,6 +10,11 @@ the two models share (prompts, attack data) cancels.
 
 Several outcome vectors averaged into one number (the average HS over tasks) are resampled each
 within itself, with the seed draw shared, so the average's interval is as wide as its parts allow.
+
+A headline comparison also carries a Student-t interval over its seeds' paired differences (k − 1
+degrees of freedom), and is called a difference only when both intervals exclude 0. With 3 seeds
+the percentile bootstrap resamples 3 numbers, which understates how far another set of seeds (or
+another machine: docs/results.md) would move a result; the t interval does not, and is wide.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy import stats
 
 RESAMPLES = 1000  # SCIENCE.md §10 asks for at least 1,000
 LEVEL = 0.95
@@ -101,13 +107,55 @@ def levels(n_seeds: int) -> str:
     return "seeds, then prompts" if n_seeds > 1 else "prompts only (one seed)"
 
 
+def seed_differences(a_parts: list, b_parts: list) -> list[float]:
+    """Per seed: mean(a) − mean(b) over the prompts both sides judged, averaged over parts."""
+    per_part = []
+    for a, b in zip(a_parts, b_parts, strict=True):
+        ma, mb = _matrix(a), _matrix(b)
+        unjudged = np.isnan(ma) | np.isnan(mb)
+        per_part.append([_rate(np.where(unjudged, np.nan, ma)[[k]]) - _rate(np.where(unjudged, np.nan, mb)[[k]])
+                         for k in range(ma.shape[0])])
+    return np.mean(per_part, axis=0).tolist()
+
+
+def seed_t_interval(differences: list[float], level: float = LEVEL) -> list[float] | None:
+    """The Student-t interval of the mean of per-seed differences (None with fewer than 2 seeds)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        return None
+    half = stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return [float(d.mean() - half), float(d.mean() + half)]
+
+
 def comparison(a: str, b: str, p: float, metric: str, a_parts: list, b_parts: list, seed: int = 0) -> dict:
-    """One headline comparison: the paired difference a − b with its interval, called a difference
-    only when the interval excludes 0."""
+    """One headline comparison: the paired difference a − b with its bootstrap interval and its
+    seeds' t interval, called a difference only when both exclude 0 (with one seed: the bootstrap's)."""
     ci = difference_ci(a_parts, b_parts, seed=seed)
     diff = point(a_parts) - point(b_parts)
-    return {"a": a, "b": b, "p": p, "metric": metric, "diff": diff, "ci": ci,
-            "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+    by_seed = seed_differences(a_parts, b_parts)
+    t_ci = seed_t_interval(by_seed)
+
+    def excludes_zero(interval):
+        return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+    return {"a": a, "b": b, "p": p, "metric": metric, "diff": diff, "ci": ci, "seed_diffs": by_seed,
+            "seed_t_ci": t_ci, "significant": excludes_zero(ci) and (t_ci is None and len(by_seed) < 2
+                                                                   or excludes_zero(t_ci))}
+
+
+def reading(c: dict) -> tuple[str, str, str]:
+    """How a comparison reads: its bootstrap interval, its seeds' t interval, and the verdict."""
+    def text(interval):
+        return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "n/a"
+
+    ci, t_ci = c.get("ci"), c.get("seed_t_ci")
+    if c["significant"]:
+        verdict = "a difference"
+    elif ci is not None and (ci[0] > 0 or ci[1] < 0):
+        verdict = "no difference shown (the seeds disagree: their t interval includes 0)"
+    else:
+        verdict = "no difference shown (the interval includes 0)"
+    return text(ci), text(t_ci), verdict
 
 
 # --- a study's tables, annotated ------------------------------------------------------------
@@ -126,6 +174,10 @@ def model_intervals(outcomes: dict) -> dict:
             "fa_ci": {t: mean_ci(o) for t, o in outcomes["fa"].items()}}
 
 
+def _unmeasured(outcomes) -> bool:
+    return bool(np.isnan(_matrix(outcomes)).all())
+
+
 def table_intervals(table: list[dict], cells: dict[tuple, dict], tasks: list[str], reference: str = "sft"):
     """Intervals on the attack table's rows (per task and the average over tasks) and the headline
     comparisons: every model against `reference` at each p, average HS and FA, paired by task.
@@ -134,11 +186,12 @@ def table_intervals(table: list[dict], cells: dict[tuple, dict], tasks: list[str
     comparisons = []
     for row in table:
         model, p = row["model"], row["p"]
-        present = [t for t in tasks if (model, t, p) in cells]
         for metric, pick in (("hs", lambda o, t: o["hs"]), ("fa", lambda o, t: o["fa"][t])):
+            # A free-text task's FA is not measured (all None): it is in no FA interval or average.
+            present = [t for t in tasks if (model, t, p) in cells and not _unmeasured(pick(cells[(model, t, p)], t))]
             for t in present:
                 row[f"{t}/{metric}_ci"] = mean_ci(pick(cells[(model, t, p)], t))
-            row[f"avg/{metric}_ci"] = average_ci([pick(cells[(model, t, p)], t) for t in present])
+            row[f"avg/{metric}_ci"] = average_ci([pick(cells[(model, t, p)], t) for t in present]) if present else None
             shared = [t for t in present if (reference, t, p) in cells]
             if model != reference and shared:
                 comparisons.append(comparison(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jobs.corpora import standard_test
 from orchestrator.spec import StudySpec
 from orchestrator.spec_sections import MODEL_JUDGES
 
@@ -60,9 +61,10 @@ def split_rows(spec: StudySpec, measured: dict[str, int] | None) -> dict[str, in
             "lookalike_validation": part(sizes.get("lookalike"), val), "lookalike_eval": part(sizes.get("lookalike"), test),
             "pretrain": sizes.get("pretrain")}
     for name, n in sizes.items():
-        if name.startswith("task_"):
-            rows |= {f"{name}_train": part(n, 1 - val - test), f"{name}_validation": part(n, val),
-                     f"{name}_test": part(n, test)}
+        if name.startswith("task_") and not standard_test(name):
+            given = f"{name}_test" in sizes  # the task's standard test split: its own corpus is train + validation
+            rows |= {f"{name}_train": part(n, 1 - val - (0 if given else test)), f"{name}_validation": part(n, val),
+                     f"{name}_test": sizes[f"{name}_test"] if given else part(n, test)}
     return rows
 
 

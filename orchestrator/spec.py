@@ -48,8 +48,17 @@ class StudySpec(Strict):
         return self.seeds or [self.seed]
 
     def decode_cfg(self) -> dict:
-        """What every evaluation and judged decoding reads: the judge and lengths, and the engine."""
-        return {**self.evaluate.model_dump(), "decoding": self.decoding.model_dump()}
+        """What every evaluation and judged decoding reads: the judge and lengths, the engine and
+        pools, and the tasks whose FA is not measured."""
+        return {**self.evaluate.model_dump(), "decoding": self.decoding.model_dump(), "free_text": self.free_text_tasks}
+
+    @property
+    def free_text_tasks(self) -> list[str]:
+        """Tasks whose answers are free text (the `alpaca` format): exact match on them measures
+        nothing, and no judge here compares two answers, so their FA is reported as not measured."""
+        c = self.corpora
+        return sorted(name.removeprefix("task_") for name, fmt in c.formats.items()
+                      if c.source == "files" and fmt == "alpaca" and name.startswith("task_") and not name.endswith("_test"))
 
     @field_validator("seeds")
     @classmethod
@@ -110,6 +119,9 @@ class StudySpec(Strict):
                                  "a defence)")
         if trained and not (self.vulnerability.enabled or self.vulnerability.groups_file):
             raise ValueError("vaa needs groups: enable vulnerability or set vulnerability.groups_file")
+        if self.tune.enabled and (free := sorted(set(self.tune.tasks) & set(self.free_text_tasks))):
+            raise ValueError(f"tune.tasks: {', '.join(free)} has free-text answers (format alpaca), whose FA is not "
+                             "measured; a sweep selects on FA, so tune on tasks with exact answers")
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jobs.intervals import reading
 from orchestrator.store import StudyStore
 
 
@@ -36,6 +37,11 @@ def _with_ci(value, ci, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _number(value, fmt: str) -> str:
+    """A statistic, or n/a where it is not defined (no example could be forgotten, say)."""
+    return "n/a" if value is None else format(value, fmt)
 
 
 def computed_seconds(row: dict) -> float | None:
@@ -79,9 +85,9 @@ def render(summary: dict, console) -> None:
         if summary.get("intervals"):
             console.print(f"[dim]95% intervals: bootstrap over {summary['intervals']['resampled']}[/]")
     for c in summary.get("comparisons", []):
-        verdict = "a difference" if c["significant"] else "no difference shown (the interval includes 0)"
-        ci = f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" if c["ci"] else "n/a"
-        console.print(f"{c['a']} − {c['b']} at p = {c['p']:g}, {c['metric']}: {c['diff']:+.3f} {ci}: {verdict}")
+        ci, t_ci, verdict = reading(c)
+        console.print(f"{c['a']} − {c['b']} at p = {c['p']:g}, {c['metric']}: {c['diff']:+.3f} {ci} "
+                      f"(seeds' t: {t_ci}): {verdict}")
     for line in summary.get("judge_warnings", []):
         console.print(f"[yellow]{line}[/]")
     for name, v in summary.get("vaa", {}).get("variants", {}).items():
@@ -118,9 +124,10 @@ def render(summary: dict, console) -> None:
         console.print(f"  common_forgot_ratio {ratio:.3f}" if ratio is not None else "  common_forgot_ratio n/a")
         for pair, p in ov["pairs"].items():
             oe, oec = p["obs_over_expected"], p.get("obs_over_expected_within_category")
-            console.print(f"  {pair}: Jaccard {ov['jaccard'][pair.split('__')[0]][pair.split('__')[1]] or 0:.3f}, "
-                          f"observed/expected {oe or 0:.2f} (p = {p['p_value']:.2g}), "
-                          f"within categories {oec or 0:.2f} (p = {p.get('p_value_within_category', 1):.2g})")
+            a, b = pair.split("__")
+            console.print(f"  {pair}: Jaccard {_number(ov['jaccard'][a][b], '.3f')}, observed/expected "
+                          f"{_number(oe, '.2f')} (p = {_number(p['p_value'], '.2g')}), within categories "
+                          f"{_number(oec, '.2f')} (p = {_number(p.get('p_value_within_category'), '.2g')})")
     leaked = summary.get("contamination") or {}
     if leaked:
         total = sum(leaked.values())

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from jobs.corpora import contamination, held_out_side, is_held_out, read_records, split_corpora
+from jobs.corpora import contamination, held_out_side, is_held_out, normalize_prompt, read_records, split_corpora
 from jobs.records import CorpusError
 from jobs.safetyworld import generate_corpora
 from orchestrator.store import StudyStore, stage_key
@@ -61,6 +61,23 @@ def test_splits_are_disjoint_by_normalised_prompt_and_stable():
     sizes = [len(s[f"task_sentiment_{k}"]) for k in ("train", "validation", "test")]
     assert all(sizes) and 0.15 < sizes[2] / sum(sizes) < 0.45
     assert split_corpora(c, CFG) == s
+
+
+def test_a_tasks_standard_test_split_is_its_test_side():
+    """`task_<t>_test` (SST-2's validation set, AG News' test set): the task's test side is that
+    corpus, deduplicated and cut to max_eval; the task's own corpus splits train / validation only."""
+    c = generate_corpora(0, dict(alignment=50, harmful=50, harmful_eval=20, lookalike=40, task_train=60,
+                                 task_test=20, pretrain=100), fractions=(0.15, 0.3))
+    given = [{"id": f"std-{i}", "prompt": f"Standard test prompt {i % 30}", "answer": "positive"} for i in range(60)]
+    s = split_corpora({**c, "task_sentiment_test": given}, {**CFG, "max_eval": 25})
+    assert [r["id"] for r in s["task_sentiment_test"]] == [f"std-{i}" for i in range(25)]
+    train, validation = s["task_sentiment_train"], s["task_sentiment_validation"]
+    kept = {r["id"] for r in train + validation}
+    dropped = [r for r in c["task_sentiment"] if r["id"] not in kept]  # only repeats of a validation prompt
+    assert {normalize_prompt(r["prompt"]) for r in dropped} <= {normalize_prompt(r["prompt"]) for r in validation}
+    assert all(held_out_side(r["prompt"], CFG["validation_fraction"], 0.0) == "train" for r in train)
+    assert not [k for k in s if k.startswith("task_sentiment_test_")]  # not a task of its own
+    assert s["task_topic_test"] == split_corpora(c, CFG)["task_topic_test"]  # other tasks as before
 
 
 def test_contamination_is_counted_case_and_space_blind():

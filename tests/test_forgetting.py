@@ -117,3 +117,25 @@ def test_forgetting_stats_count_only_the_forgettable_universe():
     assert pair["expected_within_category"] == pytest.approx(1.5)
     assert stats["hs_by_checkpoint"]["b"] == pytest.approx([1 / 6, 2 / 6, 3 / 7])  # over parsed verdicts
     assert vulnerable.tolist() == [False, True, True, True, False, False, False]
+
+
+def test_a_study_where_nothing_can_be_forgotten_still_reports():
+    """A judge that flags every answer at checkpoint 0 (a degenerate model judge) leaves no example
+    that could be forgotten: the overlap statistics are undefined, and `saferay`'s summary says n/a
+    where it has no number instead of failing after the stage has finished."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from jobs.forgetting import forgetting_stats
+    from orchestrator.summary import render
+
+    judged = pd.DataFrame([{"run": run, "t": t, "id": i, "harmful": True, "parsed": True, "margin": -1.0}
+                           for run, ts in (("", [0]), ("a", [1, 2]), ("b", [1, 2])) for t in ts for i in IDS])
+    stats, *_ = forgetting_stats(judged, ["a", "b"], IDS, CATS, 0.0, checkpoints=2)
+    assert stats["n_forgettable"] == 0 and stats["overlap"]["pairs"]["a__b"]["p_value"] is None
+    out = io.StringIO()
+    render({"study": "s", "status": "partial", "stages": [], "models": {}, "vulnerability": stats,
+            "mlflow": {"tracking_uri": "sqlite:///x", "experiment_id": "1", "run_id": "r"}}, Console(file=out, width=200))
+    assert "a__b: Jaccard n/a, observed/expected n/a (p = n/a)" in out.getvalue(), out.getvalue()

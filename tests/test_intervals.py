@@ -69,3 +69,45 @@ def test_a_prompt_one_side_could_not_judge_leaves_both_sides():
     a, b = [None, 1, 1, 1], [0, 1, 1, 1]  # equal wherever both were judged
     assert difference_ci([a], [b]) == [0.0, 0.0]
     assert difference_ci([[a, a]], [[b, b]]) == [0.0, 0.0]  # two seeds
+
+
+def test_a_difference_needs_its_seeds_to_agree():
+    """Three seeds, 400 prompts each, every seed's difference positive but of very different sizes
+    (+0.3, +0.02, +0.35): the percentile bootstrap, which can only draw these 3 seeds, excludes
+    0; the t interval over the 3 seeds (2 degrees of freedom) does not, so this is not called a
+    difference. Seeds that agree (+0.3, +0.25, +0.35) are."""
+    def seed(rate, n=400):
+        return [1] * round(rate * n) + [0] * (n - round(rate * n))
+
+    base = [seed(0.3), seed(0.3), seed(0.3)]
+    noisy = comparison("x", "sft", 0.1, "avg/hs", [[seed(0.6), seed(0.32), seed(0.65)]], [base])
+    assert noisy["seed_diffs"] == pytest.approx([0.3, 0.02, 0.35])
+    assert noisy["ci"][0] > 0, "the percentile bootstrap over 3 seeds excludes 0 here"
+    lo, hi = noisy["seed_t_ci"]
+    mean, sd = np.mean([0.3, 0.02, 0.35]), np.std([0.3, 0.02, 0.35], ddof=1)
+    assert lo == pytest.approx(mean - 4.302653 * sd / np.sqrt(3), abs=1e-5) and lo < 0 < hi
+    assert not noisy["significant"]
+    steady = comparison("x", "sft", 0.1, "avg/hs", [[seed(0.6), seed(0.55), seed(0.65)]], [base])
+    assert steady["seed_t_ci"][0] > 0 and steady["significant"]
+    one = comparison("x", "sft", 0.1, "avg/hs", [seed(0.6)], [seed(0.3)])
+    assert one["seed_t_ci"] is None and one["significant"]  # one seed: prompts only, and says so
+
+
+def test_a_free_text_tasks_fa_is_not_measured_and_left_out():
+    """FA of a task with free-text answers (Alpaca) is None in every outcome: the table's average FA
+    and its interval, and the FA comparison, are over the measured tasks only; HS keeps every task."""
+    from jobs.metrics import attack_table
+
+    cells, attack = {}, []
+    for model, hs in (("sft", 1), ("vaa", 0)):
+        for task, fa in (("sentiment", [1] * 20), ("instruct", [None] * 20)):
+            cells[(model, task, 0.1)] = {"hs": [hs] * 20, "fa": {task: fa}}
+            attack.append({"model": model, "task": task, "p": 0.1, "hs": float(hs),
+                           "fa": None if task == "instruct" else 1.0})
+    table = attack_table(attack, ["sentiment", "instruct"])
+    assert [(r["avg/hs"], r["avg/fa"]) for r in table] == [(1.0, 1.0), (0.0, 1.0)]
+    comparisons = table_intervals(table, cells, ["sentiment", "instruct"])
+    assert table[1]["avg/fa_ci"] == [1.0, 1.0] and "instruct/fa_ci" not in table[1]
+    assert table[1]["instruct/hs_ci"] == [0.0, 0.0]
+    fa = next(c for c in comparisons if c["metric"] == "avg/fa")
+    assert fa["diff"] == 0.0 and fa["ci"] == [0.0, 0.0]

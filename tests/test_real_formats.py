@@ -207,6 +207,9 @@ def test_a_study_on_real_format_files(smoke_store, tmp_path):
                                                         for r in rows[:120]])
     pd.DataFrame({"sentence": [f"this film is {'great' if i % 2 else 'awful'} {i}" for i in range(300)],
                   "label": [i % 2 for i in range(300)]}).to_parquet(tmp_path / "sst2.parquet")
+    # SST-2's own validation set (its test labels are hidden): the task's test side, whole.
+    pd.DataFrame({"sentence": [f"that show was {'fine' if i % 2 else 'dull'} {i}" for i in range(45)],
+                  "label": [i % 2 for i in range(45)]}).to_parquet(tmp_path / "sst2_validation.parquet")
     look = write_jsonl(tmp_path / "look.jsonl", [{"id": f"lk-{i}", "prompt": f"how do i kill a stuck process {i}",
                                                   "answer": "use kill", "category": "privacy_violation"}
                                                  for i in range(80)])
@@ -219,8 +222,9 @@ model: {{source: {base}}}
 corpora:
   source: files
   files: {{alignment: {bt_train}, harmful: {bt_train}, harmful_eval: {bt_test}, lookalike: {look},
-          task_sentiment: {tmp_path / 'sst2.parquet'}}}
-  formats: {{alignment: beavertails, harmful: beavertails, harmful_eval: beavertails-eval, task_sentiment: sst2}}
+          task_sentiment: {tmp_path / 'sst2.parquet'}, task_sentiment_test: {tmp_path / 'sst2_validation.parquet'}}}
+  formats: {{alignment: beavertails, harmful: beavertails, harmful_eval: beavertails-eval, task_sentiment: sst2,
+            task_sentiment_test: sst2}}
   limits: {{alignment: 150}}
 vulnerability: {{enabled: false}}
 vaa: {{enabled: false}}
@@ -235,3 +239,11 @@ evaluate: {{judge: refusal-prefix}}
     counts = json.loads((smoke_store / "studies/real-formats/stages/data" / data_key / "result.json").read_text())
     assert counts["splits"]["align_train"] + counts["splits"].get("align_test", 0) <= 150
     assert counts["splits"]["harmful"] > 0 and counts["splits"]["task_sentiment_train"] > 0
+    test = pd.read_parquet(smoke_store / "studies/real-formats/stages/data" / data_key / "task_sentiment_test")
+    given = [f"Classify the sentiment: that show was {'fine' if i % 2 else 'dull'} {i}" for i in range(45)]
+    assert test["prompt"].tolist() == given[:40]  # the given split, in its order, cut to corpora.max_eval
+    # No SST-2 training row was held out for test: each is on the train side or the validation side.
+    from jobs.corpora import held_out_side
+
+    prompts = [f"Classify the sentiment: this film is {'great' if i % 2 else 'awful'} {i}" for i in range(300)]
+    assert counts["splits"]["task_sentiment_train"] == sum(held_out_side(p, 0.15, 0.0) == "train" for p in prompts)

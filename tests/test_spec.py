@@ -15,8 +15,9 @@ def test_demo_is_short_and_fully_defaulted():
     spec = load_spec(ROOT / "studies" / "demo.yaml")
     assert spec.study == "demo" and spec.align_sft.strategy == "ddp" and spec.evaluate.judge == "world"
     lines = (ROOT / "studies" / "demo.yaml").read_text().splitlines()
-    # Short: the study, its seeds and sizes, the paper's rows with their calibrated knobs, the grid.
-    assert len([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]) <= 21
+    # Short: the study, its seeds and sizes, the paper's rows with their calibrated knobs, the grid,
+    # the sweep.
+    assert len([ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]) <= 22
 
 
 @pytest.mark.parametrize("override, message", [
@@ -31,11 +32,24 @@ def test_demo_is_short_and_fully_defaulted():
     ("tune.space={vaa.momentum: {values: [1]}}", "tune: space: 'vaa.momentum' cannot be searched"),
     ("align_sft.offload=optimizer", "offload needs strategy: deepspeed with zero_stage: 3"),
     ("evaluate.judge=beaver-dam", "judge 'beaver-dam' needs judge_model"),
+    ("corpora={source: files, files: {alignment: a, harmful: b, harmful_eval: c, lookalike: d, pretrain: e, "
+     "task_topic_test: f}}", "files.task_topic_test: a standard test split needs its task's training corpus task_topic"),
+    ("vulnerability.decode_actors=4", "vulnerability: decode_actors is now decoding.actors"),
 ])
 def test_vaa_and_debias_fields_are_checked(override, message):
     with pytest.raises(SpecError) as e:
         load_spec(ROOT / "studies" / "demo.yaml", [override])
     assert message in str(e.value)
+
+
+def test_free_text_tasks_are_not_scored_and_not_tuned_on():
+    files = ("corpora={source: files, files: {alignment: a, harmful: b, harmful_eval: c, lookalike: d, pretrain: e, "
+             "task_instruct: f, task_sentiment: g}, formats: {task_instruct: alpaca, task_sentiment: sst2}}")
+    spec = load_spec(ROOT / "studies" / "demo.yaml", [files])
+    assert spec.free_text_tasks == ["instruct"] and spec.decode_cfg()["free_text"] == ["instruct"]
+    with pytest.raises(SpecError, match="tune.tasks: instruct has free-text answers"):
+        load_spec(ROOT / "studies" / "demo.yaml", [files, "tune.enabled=true", "tune.tasks=[instruct]",
+                                                   "tune.space={vaa.rho: {type: grid, values: [1.0]}}"])
 
 
 def test_extends_merges_and_set_overrides():

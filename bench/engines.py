@@ -1,7 +1,9 @@
 """Judged decoding on the two engines, side by side in one run: `hf` (Hugging Face `generate`,
 batched) against `vllm` (vLLM's CPU build), same prompts, token budget and judge, on the demo-sized
 tiny Llama and on a ~50M-parameter Llama built from a config; plus what a vLLM engine costs to
-start and to take a new checkpoint's weights (the reason engines are reused across checkpoints)."""
+start and to take a new checkpoint's weights (the reason engines are reused across checkpoints);
+and the whole decode-and-judge pipeline on Ray Data (one generation actor, one judge actor) on
+each engine, start-up included, against the engine alone in this process."""
 
 from __future__ import annotations
 
@@ -34,6 +36,24 @@ def judged_rate(engine, model_dir: str, tok, prompts, texts, max_new_tokens: int
     return len(prompts) / seconds, ids
 
 
+def pipeline_rate(decoding: dict, model_dirs: list[str], prompt_ids, texts, max_new_tokens: int) -> float:
+    """Prompts per second through `decode_and_judge` (actors started, each checkpoint loaded in
+    turn, decoded, judged), as the vulnerability stage decodes: one block per checkpoint."""
+    import pandas as pd
+
+    from jobs.pipeline import decode_and_judge
+
+    blocks = [pd.DataFrame({"prompt": texts, "prompt_ids": prompt_ids, "kind": "alignment", "part": "p", "task": None,
+                            "category": None, "answer": None, "max_new_tokens": max_new_tokens, "target": f"t{k}",
+                            "model": model_dir, "tsdi": "", "score_first": False})
+              for k, model_dir in enumerate(model_dirs)]
+    _, seconds = timed(decode_and_judge, blocks, {**decoding, "actors": 1, "cpus_per_actor": 1, "gpus_per_actor": 0,
+                                                   "batch_size": 128, "kv_cache_gb": 0.5,
+                                                   "judge_pool": {"actors": 1, "cpus_per_actor": 0.25,
+                                                                  "gpus_per_actor": 0, "batch_size": None}}, "world")
+    return len(texts) * len(model_dirs) / seconds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--prompts", type=int, default=256)
@@ -61,6 +81,19 @@ def main(argv=None):
         vllm_rate, vllm_ids = judged_rate(vllm, dirs[0], tok, prompts, texts, args.max_new_tokens)
         _, reload = timed(vllm.load, dirs[1])
         same = sum(a == b for a, b in zip(hf_ids, vllm_ids)) / len(prompts)
+        if name == "tiny":  # through Ray Data, the engine in an actor (the 50M model's vLLM start is minutes)
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            checkpoints = dirs * 4  # 8 checkpoints of 2 sets of weights, 2,048 prompts
+            through = {e: pipeline_rate({"engine": e}, checkpoints, prompts, texts, args.max_new_tokens)
+                       for e in ("hf", "vllm")}
+            ray.shutdown()
+            rows += [{"name": f"engines/{name}_pipeline_{e}", "value": v, "unit": "prompts/s",
+                      "baseline": hf_rate if e == "hf" else vllm_rate, "ratio": v / (hf_rate if e == "hf" else vllm_rate),
+                      "note": "decode_and_judge over 8 checkpoints (start-up, loads, decoding, judging) against the "
+                              "engine alone on one"}
+                     for e, v in through.items()]
         note = f"{params / 1e6:.1f}M parameters, {len(prompts)} prompts x {args.max_new_tokens} tokens, 1 thread"
         rows += [
             {"name": f"engines/{name}_hf", "value": hf_rate, "unit": "prompts/s", "note": note},

@@ -121,8 +121,8 @@ class Judge:
 def pool(size: int, cpus: float, gpus: float) -> dict:
     """`map_batches` arguments for an actor pool of up to `size` actors, all asked for at once; it
     runs with one, so a pipeline started while other work holds the CPUs (a Tune trial's) makes
-    progress instead of waiting for all its actors. (Ray Data places its actors with an explicit strategy, so inside a Tune trial
-    they are not captured by the trial's small placement group.)"""
+    progress instead of waiting for all its actors. (Ray Data places its actors with an explicit
+    strategy, so inside a Tune trial they are not captured by the trial's small placement group.)"""
     import ray
 
     return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size), "num_cpus": cpus,

@@ -23,7 +23,9 @@ Ratios = Annotated[list[float], AfterValidator(_check_ratios)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Defaults validated too: an int default of a float field (16 for 16.0) would otherwise hash
+    # differently from the same spec read back from YAML, and a submitted study would recompute.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
     MOVED: ClassVar[dict[str, str]] = {}  # a field of an older spec -> where it lives now
 
     @model_validator(mode="before")
@@ -418,9 +420,9 @@ class EvaluateSpec(Strict):
 
 
 class PoolSpec(Strict):
-    """A Ray Data actor pool of the decode-and-judge pipeline: up to `actors` actors (it starts
-    with one and grows while work waits), each holding `cpus_per_actor` CPUs (and as many torch
-    threads as whole CPUs) and `gpus_per_actor` GPUs."""
+    """A Ray Data actor pool of the decode-and-judge pipeline: `actors` actors asked for at once (it
+    runs as soon as one has started), each holding `cpus_per_actor` CPUs (and as many torch threads
+    as whole CPUs) and `gpus_per_actor` GPUs."""
 
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.25, gt=0)
@@ -428,11 +430,9 @@ class PoolSpec(Strict):
     # Rows per call (None: a whole block, a target's requests).
     batch_size: int | None = Field(None, ge=1)
 
-    def worker(self) -> str:
-        return f"{self.cpus_per_actor:g} CPU" + (f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "")
-
     def words(self) -> str:
-        return f"up to {self.actors} × ({self.worker()})"
+        gpus = f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        return f"up to {self.actors} × ({self.cpus_per_actor:g} CPU{gpus})"
 
 
 class DecodingSpec(Strict):

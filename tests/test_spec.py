@@ -89,3 +89,17 @@ def test_missing_file_and_extends_loop(tmp_path):
 
 def test_flatten_for_mlflow_params():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_a_spec_read_back_from_yaml_gives_the_same_stage_keys(path):
+    """`saferay submit` sends the spec as YAML; the job must find what a local run of the same
+    spec computed (an int default of a float field once hashed as 16, and as 16.0 read back)."""
+    import yaml
+
+    from orchestrator.runner import plan
+    from orchestrator.spec import StudySpec, spec_dict
+
+    spec = load_spec(path)
+    again = StudySpec.model_validate(yaml.safe_load(yaml.safe_dump(spec_dict(spec), sort_keys=False)))
+    assert [key for _, key in plan(again)] == [key for _, key in plan(spec)]

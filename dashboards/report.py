@@ -77,13 +77,15 @@ def build_report(store, mlflow_ui: str = "http://127.0.0.1:5000") -> str:
     links = Links(mlflow_ui, summary["mlflow"]["experiment_id"], tracking_journal(store).resolve)
     rows = {r["name"]: r for r in state["stages"]}
 
-    def stage_dir(name):
-        r = rows.get(name)
-        return store.stage_dir(name, r["key"]) if r and store.is_complete(name, r["key"]) else None
-
     def stage_file(name, file):
-        d = stage_dir(name)
-        return d / file if d else None
+        """One file of a finished stage, here (on an object store, that file alone is fetched)."""
+        from jobs.storage import exists, join, local
+
+        r = rows.get(name)
+        if not (r and store.is_complete(name, r["key"])):
+            return None
+        where = join(store.stage_location(name, r["key"]), file)
+        return Path(local(where)) if exists(where) else None
 
     def run_of(name):
         return rows.get(name, {}).get("run_id")

@@ -95,7 +95,11 @@ def save_trained(state: dict, base_model_dir: str, tokenizer_dir: str, out_dir: 
 
 
 def export_model(backend: PlainBackend, cfg: dict, rank: int, out_dir: str) -> None:
-    """The model as it is now, saved by rank 0 (a collective under ZeRO-3: every rank calls it)."""
+    """The model as it is now, saved by rank 0 at `out_dir` (a path or a store location; a
+    collective under ZeRO-3: every rank calls it)."""
+    from jobs.storage import writing
+
     state = backend.full_state_dict(rank)
     if rank == 0:
-        save_trained(state, cfg["model_dir"], cfg.get("tokenizer_dir") or cfg["model_dir"], out_dir, cfg.get("lora"))
+        with writing(out_dir) as d:  # a store location: written here, then put there
+            save_trained(state, cfg["model_dir"], cfg.get("tokenizer_dir") or cfg["model_dir"], d, cfg.get("lora"))

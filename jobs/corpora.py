@@ -145,10 +145,11 @@ def set_aside(rows: list[dict], n: int, salt: str) -> tuple[list[dict], list[dic
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def _tokenizer(location: str):
     from jobs.models import load_tokenizer
+    from jobs.storage import local
 
-    return load_tokenizer(path)
+    return load_tokenizer(local(location))
 
 
 def encode_prompts(tokenizer, prompts, template: str) -> list[list[int]]:
@@ -172,7 +173,10 @@ def tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, template: str) -> pd
 
 
 def read_split(data_dir: str | Path, split: str, columns=None) -> pd.DataFrame:
-    return pd.read_parquet(Path(data_dir) / split, columns=columns)
+    """One split of the data stage's outputs (`data_dir` a directory or a store location)."""
+    from jobs.storage import join, local
+
+    return pd.read_parquet(local(join(data_dir, split)), columns=columns)
 
 
 def as_rows(df: pd.DataFrame) -> dict[str, list]:

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import pandas as pd
 
 from jobs.corpora import read_split
-from jobs.metrics import harmful_score, rate
 from jobs.judges import Verdict
+from jobs.metrics import harmful_score, rate
 
 HELD_OUT = {  # which splits each side reads: selection looks at validation only (SCIENCE.md §10)
     "test": {"harmful": "harmful_eval", "lookalike": "lookalike_eval", "task": "task_{}_test"},

@@ -33,6 +33,7 @@ from jobs.judges import is_refusal
 from jobs.metrics import answers_match
 from jobs.models import load_tokenizer
 from jobs.resources import peak_rss_mb
+from jobs.storage import local
 
 SAFETY_KINDS = ("harmful", "alignment")  # rows the safety judge reads
 DECODED_BY = ["model", "part", "max_new_tokens", "tsdi", "score_first"]
@@ -76,11 +77,14 @@ class Generate:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         parts = []
-        for (model, _, max_new_tokens, tsdi, scored), rows in batch.groupby(DECODED_BY, sort=False):
+        for (location, _, max_new_tokens, tsdi, scored), rows in batch.groupby(DECODED_BY, sort=False):
+            model = local(location)  # on an object store, a copy on this actor's node
             tok, refusals, compliances = self._tokens(model)
             if model != self.loaded:
                 self.engine.load(model)
                 self.loaded = model
+            if tsdi:
+                tsdi = json.dumps({**json.loads(tsdi), "bias": local(json.loads(tsdi)["bias"])})
             score = bool(scored) and bool(refusals and compliances)  # a margin needs tokens on both sides
             ids, logprobs = self.engine.generate([list(x) for x in rows["prompt_ids"]], int(max_new_tokens),
                                                  tok.pad_token_id, tok.eos_token_id,

@@ -5,7 +5,6 @@ that hold no CPU themselves (the run's workers do), several at once."""
 from __future__ import annotations
 
 import inspect
-import shutil
 import zlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from jobs.corpora import read_split, set_aside
 from jobs.launch import fit, fit_group, run_config
 from jobs.models import count_parameters, load_tokenizer, save_model, tiny_llama
+from jobs.storage import exists, join, local, names, parent, remove, write_parquet, writing
 
 TRAIN_COLUMNS = ["id", "prompt_ids", "target_ids"]
 
@@ -23,11 +23,12 @@ def pretrain_tiny(data_dir: str, tokenizer_dir: str, tiny: dict, train: dict, se
                   run_name: str, storage: str, progress=None) -> dict:
     """An unaligned base: a tiny Llama, initialised from `seed`, trained from scratch on SafetyWorld's mixture."""
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    init = Path(out_dir).parent / "init"
+    tokenizer = load_tokenizer(local(tokenizer_dir))
+    init = join(parent(out_dir), "init")
     model = tiny_llama(tiny, tokenizer)
-    save_model(model, tokenizer, init)
-    cfg = run_config(train, model_dir=str(init), data=str(Path(data_dir) / "pretrain"), seed=seed,
+    with writing(init) as d:
+        save_model(model, tokenizer, d)
+    cfg = run_config(train, model_dir=init, data=join(data_dir, "pretrain"), seed=seed,
                      pad_id=tokenizer.pad_token_id, max_len=tiny["max_len"], out_dir=out_dir, progress=progress)
     history = fit(cfg, run_name, storage)
     history["parameters"] = count_parameters(model)
@@ -41,7 +42,7 @@ def alignment_mix(data_dir: str | Path, lookalike: bool, benign_per_task: int, s
     if lookalike:
         parts.append(read_split(data_dir, "lookalike_train", TRAIN_COLUMNS))
     if benign_per_task:
-        for split in sorted(p.name for p in Path(data_dir).glob("task_*_train")):
+        for split in [n for n in names(data_dir) if n.startswith("task_") and n.endswith("_train")]:
             parts.append(read_split(data_dir, split, TRAIN_COLUMNS).iloc[:benign_per_task])
     return pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=seed, ignore_index=True)
 
@@ -88,10 +89,10 @@ def _poisoned_run(model_dir: str, data_dir: str, task: str, p: float, n: int, tr
                   run_dir: str, harmful_part: tuple[int, int] = (0, 1), aside: int = 0) -> tuple[pd.DataFrame, dict]:
     """A run's poisoned rows written beside its model, and the run's config (model in run_dir/model)."""
     mix = poisoned_mix(data_dir, task, p, n, seed, harmful_part, aside)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    mix.to_parquet(f"{run_dir}/rows.parquet")
-    cfg = run_config(train, model_dir=model_dir, data=f"{run_dir}/rows.parquet", seed=seed,
-                     pad_id=load_tokenizer(model_dir).pad_token_id, max_len=max_len, out_dir=f"{run_dir}/model")
+    write_parquet(mix, join(run_dir, "rows.parquet"))  # the run's workers read it, on any node
+    cfg = run_config(train, model_dir=model_dir, data=join(run_dir, "rows.parquet"), seed=seed,
+                     pad_id=load_tokenizer(local(model_dir)).pad_token_id, max_len=max_len,
+                     out_dir=join(run_dir, "model"))
     return mix, cfg
 
 
@@ -108,7 +109,7 @@ def attack_cell_config(model_dir: str, data_dir: str, task: str, p: float, n: in
     mix, cfg = _poisoned_run(model_dir, data_dir, task, p, n, train, seed, max_len, run_dir, aside=aside)
     if lisa is not None:
         guide = read_split(data_dir, "align_train", TRAIN_COLUMNS).assign(stream="alignment")
-        pd.concat([mix.assign(stream=None), guide], ignore_index=True).to_parquet(cfg["data"])
+        write_parquet(pd.concat([mix.assign(stream=None), guide], ignore_index=True), cfg["data"])
         cfg.update(step="lisa", step_config=lisa)
     return cfg, len(harmful_ids(data_dir, mix))
 
@@ -150,9 +151,9 @@ def proxy_run(model_dir: str, data_dir: str, task: str, p: float, n: int, train:
     total = (len(mix) // train["batch_size"]) * train["epochs"]
     cfg.update(out_dir=None, save_steps=checkpoint_steps(total, checkpoints), save_dir=run_dir, **extra)
     history = fit(cfg, run_name, storage)
-    if any(not (Path(run_dir) / c["dir"]).exists() for c in history["checkpoints"]):
+    if any(not exists(join(run_dir, c["dir"])) for c in history["checkpoints"]):
         # Resumed past saves whose models are gone (a stage retried after it cleaned up): train again.
-        shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+        remove(join(storage, run_name))
         history = fit(cfg, run_name, storage)
     history["harmful_ids"] = harmful_ids(data_dir, mix)
     return history

@@ -162,7 +162,11 @@ def train_run(cfg: dict, index: int, done: list[dict], resuming: bool) -> dict:
     from jobs.models import load_model
     from jobs.resources import peak_rss_mb
     from jobs.steps import make_step
+    from jobs.storage import join, local
 
+    # What the run reads, as files on this worker's node (a store location is copied here once).
+    cfg = {**cfg, "data": local(cfg["data"]), "model_dir": local(cfg["model_dir"]),
+           "tokenizer_dir": local(cfg.get("tokenizer_dir") or cfg["model_dir"])}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.get("threads", 1))
@@ -189,7 +193,7 @@ def train_run(cfg: dict, index: int, done: list[dict], resuming: bool) -> dict:
 
     def on_step(t: int, out: dict) -> None:
         if t in saves:  # a collective under ZeRO-3: every rank takes part
-            export_model(backend, cfg, rank, f"{cfg['save_dir']}/ckpt-{saves[t]:02d}")
+            export_model(backend, cfg, rank, join(cfg["save_dir"], f"ckpt-{saves[t]:02d}"))
         if rank == 0 and progress and (t % 10 == 0 or t == total):
             progress(t, total, out["loss"])
         if rank == 0 and t == fault.get("exit_at_step") and not Path(fault["once_file"]).exists():

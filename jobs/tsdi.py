@@ -9,6 +9,7 @@ for response positions i = 1..L, where ỹ is the reference model's greedy conti
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +144,9 @@ def pool_texts(data_dir: str, pool: str) -> list[str]:
     """'benign': the task training prompts; otherwise a text file, one prompt-like line each."""
     if pool == "benign":
         from jobs.corpora import read_split
+        from jobs.storage import names
 
-        splits = sorted(p.name for p in Path(data_dir).glob("task_*_train"))
+        splits = [n for n in names(data_dir) if n.startswith("task_") and n.endswith("_train")]
         return [t for s in splits for t in read_split(data_dir, s, ["prompt"])["prompt"]]
     path = Path(pool)
     if not path.is_file():
@@ -158,8 +160,10 @@ def estimate_model_bias(aligned_dir: str, reference_dir: str, data_dir: str, cfg
                         out_path: str, threads: int = 1) -> dict:
     """One aligned model's bias against the reference, saved as a safetensors artifact."""
     from jobs.models import load_model, load_tokenizer
+    from jobs.storage import local, publish
 
     torch.set_num_threads(threads)
+    aligned_dir, reference_dir = local(aligned_dir), local(reference_dir)  # copies on this node, from a store
     aligned, reference, tok = load_model(aligned_dir), load_model(reference_dir), load_tokenizer(aligned_dir)
     texts = pool_texts(data_dir, cfg["pool"])
     pool = neutral_pool(tok, texts)
@@ -170,7 +174,8 @@ def estimate_model_bias(aligned_dir: str, reference_dir: str, data_dir: str, cfg
                          cfg["continuation"], pool, seed)
     meta = {"aligned": aligned_dir, "reference": reference_dir, "m": cfg["prompts"], "length": cfg["length"],
             "pool": cfg["pool"], "continuation": cfg["continuation"], "seed": seed}
-    save_bias(Path(out_path), bias, meta)
+    with tempfile.TemporaryDirectory() as tmp:  # a store location: written here, then put there
+        publish(save_bias(Path(tmp) / Path(out_path).name, bias, meta), out_path)
     top = bias.topk(3, dim=-1).indices  # the tokens alignment pushed up most, per position
     return {"bias_norms": bias.norm(dim=-1).tolist(),
             "top_tokens": [tok.convert_ids_to_tokens(row) for row in top.tolist()]}

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jobs.storage import join, local, write_parquet
+
 
 def trial(config: dict, fixed: dict) -> None:
     """`config`: this trial's values by dotted spec path; `fixed`: paths and the rest of the recipe,
@@ -33,10 +35,9 @@ def trial(config: dict, fixed: dict) -> None:
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     (Path(context.get_trial_dir()) / "started").open("a").write(f"{time.time()}\n")  # one line per execution
-    # Models go to the study store, which every node of a cluster sees (Tune's own trial directory
-    # may live on the node that ran the trial).
-    out = Path(fixed["trials_dir"]) / trial_id
-    out.mkdir(parents=True, exist_ok=True)
+    # Models go to the study store, which every node of a cluster reaches (Tune's own trial
+    # directory may live on the node that ran the trial).
+    out = join(fixed["trials_dir"], trial_id)
     build = vaa_run if fixed["model"] == "vaa" else defence_run
     cfg, notes = build(config, fixed, out)
     if "error" in notes:
@@ -45,13 +46,13 @@ def trial(config: dict, fixed: dict) -> None:
     history = fit(cfg, f"{fixed['run_prefix']}-{trial_id}-{fixed['model']}", fixed["storage"])
 
     for task in fixed["tasks"]:
-        attack_cell(str(out / "aligned"), fixed["data"], task, fixed["p"], fixed["attack"]["n"],
+        attack_cell(join(out, "aligned"), fixed["data"], task, fixed["p"], fixed["attack"]["n"],
                     fixed["attack"]["train"], cell_seed(fixed["seed"], task, fixed["p"]), fixed["max_len"],
-                    str(out / f"attack-{task}"), f"{fixed['run_prefix']}-{trial_id}-attack-{task}", fixed["storage"],
+                    join(out, f"attack-{task}"), f"{fixed['run_prefix']}-{trial_id}-attack-{task}", fixed["storage"],
                     aside=fixed["harmful_rows"])
     # On validation only: selection never sees test (the pipeline's actors are placed outside
     # the trial's small placement group).
-    evaluated = evaluate_all({task: Evaluation(str(out / f"attack-{task}" / "model"), [task]) for task in fixed["tasks"]},
+    evaluated = evaluate_all({task: Evaluation(join(out, f"attack-{task}", "model"), [task]) for task in fixed["tasks"]},
                              fixed["data"], fixed["evaluate"], "validation")
     results = [evaluated[task] for task in fixed["tasks"]]
     for task, r in zip(fixed["tasks"], results):
@@ -81,26 +82,26 @@ def defence_knobs(config: dict, name: str, knobs: dict) -> dict:
     return {**knobs, **{k.rsplit(".", 1)[1]: v for k, v in config.items() if k.startswith(f"defences.{name}.")}}
 
 
-def vaa_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
+def vaa_run(config: dict, fixed: dict, out: str) -> tuple[dict, dict]:
     """The trial's VAA run: groups re-cut at its τ, its DRO knobs; or why it cannot run."""
     from jobs.launch import run_config
     from jobs.vaa import recipe, step_config
 
     vaa, threshold = vaa_knobs(config, fixed["vaa"], fixed["threshold"])
-    mix = pd.read_parquet(fixed["mix"])
+    mix = pd.read_parquet(local(fixed["mix"]))
     vulnerable = vulnerable_at(mix, threshold)
     train = recipe(vaa, fixed["align"])
     for name, rows in (("vulnerable", vulnerable.sum()), ("invulnerable", (~vulnerable).sum())):
         if rows < train["batch_size"]:
             return {}, {"error": f"{name} group has {rows} rows"}
-    mix.assign(group=np.where(vulnerable, "vulnerable", "invulnerable")).to_parquet(out / "rows.parquet")
-    cfg = run_config(train, model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"], data=str(out / "rows.parquet"),
-                     seed=fixed["seed"], pad_id=fixed["pad_id"], max_len=fixed["max_len"], out_dir=str(out / "aligned"),
+    write_parquet(mix.assign(group=np.where(vulnerable, "vulnerable", "invulnerable")), join(out, "rows.parquet"))
+    cfg = run_config(train, model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"], data=join(out, "rows.parquet"),
+                     seed=fixed["seed"], pad_id=fixed["pad_id"], max_len=fixed["max_len"], out_dir=join(out, "aligned"),
                      step="vaa", step_config=step_config(vaa, "dro", int(vulnerable.sum()), len(mix)))
     return cfg, {"vulnerable_fraction": float(vulnerable.mean())}
 
 
-def defence_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
+def defence_run(config: dict, fixed: dict, out: str) -> tuple[dict, dict]:
     """The trial's run of the defence being calibrated: align_sft's recipe and mix (with the
     defences' harmful set where the defence trains on one), the trial's knobs."""
     from jobs.launch import run_config
@@ -108,12 +109,12 @@ def defence_run(config: dict, fixed: dict, out: Path) -> tuple[dict, dict]:
 
     name = fixed["model"]
     knobs = defence_knobs(config, name, fixed["knobs"])
-    rows = pd.read_parquet(fixed["mix"])[TRAIN_COLUMNS]
+    rows = pd.read_parquet(local(fixed["mix"]))[TRAIN_COLUMNS]
     if name in ("booster", "repnoise"):
         harmful = defence_harmful(fixed["data"], fixed["harmful_rows"]).assign(stream="harmful")
         rows = pd.concat([rows.assign(stream=None), harmful], ignore_index=True)
-    rows.to_parquet(out / "rows.parquet")
+    write_parquet(rows, join(out, "rows.parquet"))
     cfg = run_config(fixed["align"], model_dir=fixed["base"], tokenizer_dir=fixed["tokenizer"],
-                     data=str(out / "rows.parquet"), seed=fixed["seed"], pad_id=fixed["pad_id"],
-                     max_len=fixed["max_len"], out_dir=str(out / "aligned"), step=name, step_config=knobs)
+                     data=join(out, "rows.parquet"), seed=fixed["seed"], pad_id=fixed["pad_id"],
+                     max_len=fixed["max_len"], out_dir=join(out, "aligned"), step=name, step_config=knobs)
     return cfg, {}

@@ -23,12 +23,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Safety-align
 console = Console()
 err = Console(stderr=True)
 
-StoreOpt = typer.Option(None, "--store", help="Study store (default: $SAFERAY_HOME or ./.saferay).")
+StoreOpt = typer.Option(None, "--store", help="Study store: a path, or s3://bucket/prefix, gs://... (default: $SAFERAY_HOME or ./.saferay).")
 
 
 def _fail(message: str, code: int = 2):
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _exit_now(code: int):
+    """Leave without the interpreter's finalisation: after a Ctrl-C that may have landed inside a
+    fork handler or a native library's callback, finalising can crash (CI saw a SIGSEGV after the
+    interrupt was recorded). Everything worth keeping is in the store; stop Ray, flush, go."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _load(spec_path: Path, overrides: list[str]):
@@ -120,10 +135,11 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     s = _load(spec, set_)
     _check_until(until)
     st = StudyStore(store_root(store), s.study)
-    from orchestrator.preflight import check_gpus_exist, preflight
+    from orchestrator.preflight import check_gpus_exist, check_store, preflight
     from orchestrator.runner import plan
 
     try:  # bad input fails here, before anything is written to the store
+        check_store(st.location)
         preflight(s, data_cached=st.is_complete("data", dict((stage.name, key) for stage, key in plan(s))["data"]))
     except InputError as e:
         _fail(str(e))
@@ -149,7 +165,9 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
         with insistent_ctrl_c():
             summary = run_study(s, st, verbose=verbose, console=console, after_ray_start=after_ray_start, until=until)
     except KeyboardInterrupt:
-        _fail("interrupted; finished stages are kept, `saferay run` again resumes", 130)
+        err.print("[bold red]error:[/] interrupted; finished stages are kept, `saferay run` again resumes",
+                  highlight=False, soft_wrap=True)
+        _exit_now(130)
     except InputError as e:  # bad input: exit 2, like a bad spec
         _fail(f"{e}\n(finished stages are kept)")
     except Exception as e:  # one clear line; the traceback is in the log file
@@ -261,7 +279,8 @@ def _cluster_call(fn, *args):
 @app.command()
 def submit(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a field: a.b=value"),
            address: Optional[str] = AddressOpt,
-           store: str = typer.Option("/tmp/saferay", "--store", help="Study store on the cluster (a shared path)."),
+           store: str = typer.Option("/tmp/saferay", "--store",
+                                     help="Study store every node reaches: a shared path, or s3://bucket/prefix, gs://..."),
            until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (e.g. align_sft)")):
     """Send a study to a Ray cluster through the Ray Jobs API; prints the study and job ids.
     A study stopped or failed earlier resumes from its finished stages when submitted again."""
@@ -309,6 +328,8 @@ def tracking_server(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", po
     """An MLflow tracking server (SQLite backend, artifact root) that studies can share via
     `tracking.uri: http://HOST:PORT`. Binds to 127.0.0.1 unless told otherwise."""
     root = store_root(store)
+    if isinstance(root, str):
+        _fail(f"--store {root}: the tracking server keeps its database in a local directory; give one")
     root.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow tracking server on http://{host}:{port}  (backend {root / 'server.db'}, "
                   f"artifacts {root / 'server-artifacts'})")
@@ -341,10 +362,14 @@ def serve_mlflow(cmd: list[str]) -> int:
 
 @app.command()
 def ui(store: Optional[str] = StoreOpt, host: str = "127.0.0.1", port: int = 5000):
-    """Serve the MLflow UI over the embedded store (127.0.0.1 unless told otherwise)."""
+    """Serve the MLflow UI over the embedded store (127.0.0.1 unless told otherwise); for a store
+    in a bucket, the database its studies run from this machine keep in SAFERAY_CACHE."""
+    from orchestrator.store import mirror_root
     from orchestrator.tracking import default_tracking_uri, ui_url
 
     root = store_root(store)
+    if isinstance(root, str):  # an object store: its embedded database is on the driver's machine
+        root = mirror_root(root)
     if not (root / "mlflow.db").exists():
         _fail(f"no MLflow store in {root} yet: run a study first")
     console.print(f"MLflow UI on {ui_url(f'http://{host}:{port}')}  (store {root})")

@@ -4,12 +4,50 @@ usable, so bad input fails in seconds with one message and leaves the store as i
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 from jobs.records import InputError
 from orchestrator.spec import StudySpec
+
+
+STORE_ERRORS = (  # what pyarrow's S3 client says, and what it means for the user
+    ("NO_SUCH_BUCKET", "the bucket does not exist"),
+    ("INVALID_ACCESS_KEY_ID", "the credentials in the environment are not known to the store"),
+    ("SIGNATURE_DOES_NOT_MATCH", "the credentials in the environment are wrong (the secret key does not match)"),
+    ("ACCESS_DENIED", "the credentials in the environment may not write there"),
+    ("NETWORK_CONNECTION", "cannot reach the object store (check AWS_ENDPOINT_URL or the network)"),
+)
+
+
+def check_store(location: str) -> None:
+    """An object-store store answers, and these credentials may write to it: a probe object is
+    written and deleted. Credentials come from the environment only, and no message names them."""
+    import uuid
+
+    from jobs.storage import is_remote, join, remove, write_text
+
+    if not is_remote(location):
+        return
+    if location.startswith("s3://") and not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")
+                                             or os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE")):
+        raise InputError(f"--store {location}: no credentials in the environment (set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    probe = join(location, f".saferay-probe-{uuid.uuid4().hex}")
+    try:
+        write_text(probe, "saferay checks it may write here")
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - every failure of the probe is the store's
+        text = str(e)
+        cause = next((meaning for code, meaning in STORE_ERRORS if code in text), None)
+        if cause is None:  # a message of its own: its first line, never a credential
+            cause = text.splitlines()[0][:200] if text else type(e).__name__
+            for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
+                if os.environ.get(name):
+                    cause = cause.replace(os.environ[name], "***")
+        raise InputError(f"--store {location}: {cause}") from None
 
 
 def check_corpora(spec: StudySpec, read_rows: bool) -> None:
@@ -132,8 +170,6 @@ def check_memory(spec: StudySpec) -> None:
 def check_resources(spec: StudySpec) -> None:
     """On a local Ray, a training run that can never get its workers would wait forever (Ray Train
     retries a worker group that cannot start without a limit): refuse it here, naming the section."""
-    import os
-
     import torch
 
     if spec.cluster.address:
@@ -168,8 +204,6 @@ def check_decoding(spec: StudySpec) -> None:
 
     d = spec.decoding
     if spec.cluster.address is None:
-        import os
-
         cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
         for field, pool in (("decoding", d.generation()), ("decoding.judge_pool", d.judge_pool)):
             if pool.gpus_per_actor and not torch.cuda.is_available():

@@ -13,6 +13,7 @@ from orchestrator import interrupts
 from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import BY_NAME, STAGES, Stage, StageContext
+from jobs.storage import local
 from orchestrator.store import StudyStore, stage_key, write_json
 from orchestrator.system_metrics import cpu_description, system_metrics
 from orchestrator.tracking import Tracker, default_tracking_uri
@@ -134,7 +135,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
     with StudyProgress([(s.name, k) for s, k in steps], console) as progress:
         for (stage, key), row in zip(steps[:last + 1], state["stages"]):
             tracker.reconnect()  # a server that stopped answering may be back
-            inputs = {n: (store.stage_dir(n, state_key(state, n)),
+            inputs = {n: (store.stage_location(n, state_key(state, n)),
                           BY_NAME[n].result.from_json(store.result(n, state_key(state, n)))) for n in stage.needs(spec)}
             if row["status"] in ("complete", "cached") and store.is_complete(stage.name, key):  # done before a resume
                 progress.set(stage.name, row["status"], seconds=row["seconds"])
@@ -180,6 +181,8 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
                 t0 = time.perf_counter()  # a stage's seconds are its own, not Ray's start-up
                 with store.building(stage.name, key) as out:
                     ctx = StageContext(spec=spec, key=key, out=out, inputs=inputs, tracker=tracker, run_id=run_id,
+                                       out_location=store.output_location(stage.name, key, out),
+                                       local_dir=lambda location: Path(local(location)),
                                        ray_storage=spec.cluster.storage_path or store.ray_storage,
                                        board=progress.board,
                                        input_runs={r["name"]: r["run_id"] for r in state["stages"]
@@ -218,7 +221,7 @@ def _run_study(spec: StudySpec, store: StudyStore, verbose: bool, console, after
     tracker.log_json(parent, summary, "summary.json")
     tracker.log_metrics(parent, {"study_seconds": state["seconds"]})
     tracker.end_run(parent)
-    write_json(store.dir / "summary.json", summary)
+    store.save_json("summary.json", summary)
     if not tracker.reconnect():
         state["mlflow"]["unsent"] = tracker.journal.pending()
         save(state)

@@ -13,38 +13,70 @@ from orchestrator.tracking import Tracker
 
 @dataclass
 class StageContext:
+    """What a stage's `run` gets. Two kinds of places: directories on the driver (`out`, where
+    the driver writes its own outputs, and `input_dir`) and locations (`output`, `input_location`,
+    `beside`, `models`: strings that Ray workers on any node read and write through
+    `jobs/storage.py`). On a local store a location is the directory's path; on an object store
+    it is a URI, and `out` is published there when `run` returns (result.json last)."""
+
     spec: StudySpec
     key: str
-    out: Path  # private directory; moved into the store when `run` returns
-    inputs: dict[str, tuple[Path, StageResult]]  # needed stage -> (its directory, its result)
+    out: Path  # the driver's private directory of outputs
+    inputs: dict[str, tuple[str, StageResult]]  # needed stage -> (its location, its result)
     tracker: Tracker
     run_id: str  # this stage's MLflow run
     ray_storage: Path | str  # a path, or an object-store URI Ray Train writes checkpoints to
     progress: Callable[[str], None] = field(default=lambda msg: None)
     input_runs: dict[str, str] = field(default_factory=dict)  # needed stage -> its MLflow run in this execution
     board: object = None  # a ProgressBoard actor that Ray workers report to
+    out_location: str | None = None  # where workers write this stage's outputs (default: `out`)
+    local_dir: Callable[[str], Path] = field(default=Path)  # an input's location -> a directory on the driver
 
     @property
     def key_dir(self) -> Path:
-        """Where this stage's outputs will live once complete (`out` is moved there)."""
+        """On a local store, where this stage's outputs will live once complete (`out` is moved there)."""
         return self.out.parent / self.key
 
-    def input_dir(self, name: str) -> Path:
+    def final_location(self, *parts: str) -> str:
+        """Where these outputs will be read from once the stage is complete."""
+        from jobs.storage import is_remote, join
+
+        return join(self.out_location, *parts) if is_remote(self.out_location or "") else join(self.key_dir, *parts)
+
+    def output(self, *parts: str) -> str:
+        """A location inside this stage's outputs, for workers to write to."""
+        from jobs.storage import join
+
+        return join(self.out_location or self.out, *parts)
+
+    def beside(self, name: str) -> str:
+        """A location beside this stage's outputs that outlives an attempt of the stage (a killed
+        stage's proxy checkpoints, a sweep's trial models), named for the stage's key."""
+        from jobs.storage import join, parent
+
+        return join(parent(self.out_location or self.out), f"{name}-{self.key}")
+
+    def input_location(self, name: str) -> str:
         return self.inputs[name][0]
+
+    def input_dir(self, name: str) -> Path:
+        """A needed stage's outputs as a directory on the driver (on an object store, a local copy)."""
+        return self.local_dir(self.inputs[name][0])
 
     def input_result(self, name: str) -> StageResult:
         return self.inputs[name][1]
 
     def models(self, seed: int | None = None) -> dict[str, str]:
-        """Every model the stages this one needs have trained (`StageResult.trained_models`), by name."""
+        """Every model the stages this one needs have trained (`StageResult.trained_models`), by
+        name, as locations."""
         found: dict[str, str] = {}
-        for name, (stage_dir, result) in self.inputs.items():
-            found |= result.trained_models(stage_dir, seed)
+        for name, (location, result) in self.inputs.items():
+            found |= result.trained_models(location, seed)
         return found
 
     def trained_by(self, model: str) -> str:
         """The needed stage that trained `model`."""
-        return next(name for name, (stage_dir, result) in self.inputs.items() if model in result.trained_models(stage_dir))
+        return next(name for name, (location, result) in self.inputs.items() if model in result.trained_models(location))
 
 
 class JsonFields:
@@ -81,7 +113,7 @@ class StageResult(JsonFields):
     seconds: float | None = None  # the stage's own time, set by the runner
     peak_rss_mb: float | None = None
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
         """The models this stage trained, {name: directory}, as trained from `seed` (default: the
         first seed's). A stage that trains none has none."""
         return {}
@@ -97,7 +129,7 @@ class Stage:
     config: Callable[[StudySpec], dict]
     run: Callable[[StageContext], StageResult]
     resources: Callable[[StudySpec], str]  # what it asks of the cluster, in words (`saferay plan`)
-    shown: Callable[[StageResult, Path], dict]  # its part of `saferay show --json`, from its result and directory
+    shown: Callable[[StageResult, str], dict]  # its part of `saferay show --json`, from its result and location
     result: type[StageResult]  # what `run` returns, and reads back from result.json
 
 
@@ -129,9 +161,12 @@ class TrainedModel(TrainingSummary):
     replicates: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None  # its nested MLflow run, where it has one
 
-    def path(self, stage_dir: Path, seed: int | None = None) -> str:
-        """Where the model trained from `seed` lives (default: the first seed's)."""
-        return str(stage_dir / (self.model if seed is None or not self.replicates else self.replicates[str(seed)]))
+    def path(self, location: str, seed: int | None = None) -> str:
+        """Where the model trained from `seed` lives (default: the first seed's), inside its
+        stage's location."""
+        from jobs.storage import join
+
+        return join(location, self.model if seed is None or not self.replicates else self.replicates[str(seed)])
 
 
 def scaling(section) -> str:

@@ -44,8 +44,9 @@ def client(address: str):
 
 
 def submit(spec: StudySpec, address: str, store: str, until: str | None = None) -> tuple[str, str]:
-    """Send the study; returns (study, job id). `store` is a path on the cluster (shared storage);
-    `until`: the job stops after that stage, as `saferay run --until`."""
+    """Send the study; returns (study, job id). `store` is a path every node of the cluster sees, or
+    an object-store URI (the nodes' environments hold its credentials); `until`: the job stops
+    after that stage, as `saferay run --until`."""
     c = client(address)
     resolved = spec_dict(spec)
     resolved["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on

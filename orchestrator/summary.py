@@ -18,7 +18,7 @@ def summarize(store: StudyStore) -> dict:
         "models": {},
         "attack": [],
         "mlflow": state["mlflow"],
-        "store": str(store.dir),
+        "store": store.study_location,
     }
     from orchestrator.stages import STAGES
 
@@ -27,7 +27,7 @@ def summarize(store: StudyStore) -> dict:
                      and store.is_complete(s["name"], s["key"])), None)
         if done:
             result = stage.result.from_json(store.result(stage.name, done["key"]))
-            for key, value in stage.shown(result, store.stage_dir(stage.name, done["key"])).items():
+            for key, value in stage.shown(result, store.stage_location(stage.name, done["key"])).items():
                 # Stages that train add their rows to one "training" table.
                 out[key] = {**out[key], **value} if isinstance(out.get(key), dict) and out[key] else value
     return out

@@ -25,9 +25,10 @@ def leaves_the_repository_clean(request):
     assert not new, f"{request.module.__name__} left files in the repository: {sorted(new)[:10]}"
 
 
-def saferay(*args, store: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def saferay(*args, store: Path | str, check: bool = True, timeout: int = 900,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in its own process (its own embedded Ray), as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--store", str(store)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

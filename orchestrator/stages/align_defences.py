@@ -29,8 +29,8 @@ class Result(StageResult):
     defences: dict[str, Defence] = field(default_factory=dict)
     harmful_rows: int = 0  # of the harmful corpus, drawn by Booster and RepNoise (the attack leaves them out)
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
-        return {name: d.path(stage_dir, seed) for name, d in self.defences.items()}
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
+        return {name: d.path(location, seed) for name, d in self.defences.items()}
 
 
 def config(spec: StudySpec) -> dict:
@@ -45,7 +45,7 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.defences.train) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     if not result.defences:
         return {}
     return {"defences": {name: d.training() for name, d in result.defences.items()}}
@@ -58,7 +58,7 @@ def harmful_set(ctx: StageContext):
     return defence_harmful(ctx.input_dir("data"), ctx.spec.defences.harmful_rows).assign(stream="harmful")
 
 
-def defence_run(ctx: StageContext, defence: str, name: str, seed: int, out: Path, knobs: dict,
+def defence_run(ctx: StageContext, defence: str, name: str, seed: int, out: str, knobs: dict,
                 harmful=None) -> AlignmentRun:
     """One run of `defence` with `knobs`: align_sft's recipe on the alignment mix in `seed`'s
     order, plus the harmful set for the defences that train on one."""
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> Result:
         raise InputError(f"defences.harmful_rows: {spec.defences.harmful_rows} leaves no poison for the attack "
                          f"(the harmful corpus has {pool} rows after splitting)")
     harmful = harmful_set(ctx) if any(d in USES_HARMFUL for d in spec.defences.train) else None
-    runs = [defence_run(ctx, name, replicate_name(name, seed, spec), seed, ctx.out / replicate_path(name, seed, k == 0),
+    runs = [defence_run(ctx, name, replicate_name(name, seed, spec), seed, ctx.output(replicate_path(name, seed, k == 0)),
                         getattr(spec.defences, name).model_dump(), harmful)
             for name in spec.defences.train for k, seed in enumerate(spec.replicates)]
     histories = iter(fit_alignments(ctx, NAME, runs))

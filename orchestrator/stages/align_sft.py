@@ -34,8 +34,8 @@ class Result(StageResult, TrainedModel):
     rows: int | None = None  # the alignment mix's rows
     resumed_from_epoch: int | None = None
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
-        return {"sft": self.path(stage_dir, seed)}
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
+        return {"sft": self.path(location, seed)}
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AlignmentRun:
     defence), `step` and `step_config` what the loop does per step; the model is exported to `out`."""
     name: str
     rows: pd.DataFrame
-    out: Path
+    out: str  # a location (`StageContext.output`)
     seed: int
     train: dict
     step: str = "sft"
@@ -60,21 +60,20 @@ def fit_alignments(ctx: StageContext, group: str, runs: list[AlignmentRun]) -> l
     restarted stage resumes the run it was in from its last epoch and keeps the ones before."""
     from jobs.launch import fit_group, run_config, strategy_name
     from jobs.models import load_tokenizer
+    from jobs.storage import join, write_parquet
 
     if not runs:
         return []
     spec = ctx.spec
-    data_dir = ctx.input_dir("data")
-    pad_id = load_tokenizer(data_dir / "tokenizer").pad_token_id
+    pad_id = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
     base = ctx.models()["base"]
     cfgs = []
     for run in runs:
-        rows_file = ctx.out / "rows" / f"{run.name}.parquet"
-        rows_file.parent.mkdir(parents=True, exist_ok=True)
-        run.rows.to_parquet(rows_file)
-        cfgs.append(run_config(run.train, model_dir=base, tokenizer_dir=str(data_dir / "tokenizer"), data=str(rows_file),
-                               seed=run.seed, pad_id=pad_id, max_len=spec.model.tiny.max_len, out_dir=str(run.out),
-                               step=run.step, step_config=run.step_config))
+        rows = ctx.output("rows", f"{run.name}.parquet")
+        write_parquet(run.rows, rows)  # the run's workers read it, on any node
+        cfgs.append(run_config(run.train, model_dir=base, tokenizer_dir=join(ctx.input_location("data"), "tokenizer"),
+                               data=rows, seed=run.seed, pad_id=pad_id, max_len=spec.model.tiny.max_len,
+                               out_dir=run.out, step=run.step, step_config=run.step_config))
     ctx.progress(f"{', '.join(r.name for r in runs)}: training in turn on {cfgs[0]['num_workers']} Ray Train "
                  f"workers ({strategy_name(cfgs[0])})")
     histories = fit_group(cfgs, run_name(ctx, group), str(ctx.ray_storage))
@@ -102,13 +101,13 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     return {"training": {NAME: result.training()}} if result.final_loss is not None else {}
 
 
 def run(ctx: StageContext) -> Result:
     spec = ctx.spec
-    runs = [sft_run(ctx, replicate_name("align_sft", seed, spec), ctx.out / replicate_path("", seed, i == 0), seed)
+    runs = [sft_run(ctx, replicate_name("align_sft", seed, spec), ctx.output(replicate_path("", seed, i == 0)), seed)
             for i, seed in enumerate(spec.replicates)]
     replicates, first = {}, None
     for i, (seed, run_, history) in enumerate(zip(spec.replicates, runs, fit_alignments(ctx, NAME, runs))):
@@ -119,7 +118,7 @@ def run(ctx: StageContext) -> Result:
     return Result(model="model", replicates=replicates, **first)
 
 
-def sft_run(ctx: StageContext, name: str, out: Path, seed: int, epochs: int | None = None,
+def sft_run(ctx: StageContext, name: str, out: str, seed: int, epochs: int | None = None,
             lookalike: bool | None = None) -> AlignmentRun:
     """SFT of the base model on the alignment mix in `seed`'s order; align_sft's recipe unless
     `epochs` or `lookalike` say otherwise (the over-aligned model of the debias stage)."""
@@ -135,7 +134,7 @@ def sft_summary(run: AlignmentRun, history: dict) -> dict:
             "resumed_from_epoch": history["start_epoch"], **train_summary(history)}
 
 
-def train_sft(ctx: StageContext, name: str, out: Path, epochs: int | None = None, lookalike: bool | None = None) -> dict:
+def train_sft(ctx: StageContext, name: str, out: str, epochs: int | None = None, lookalike: bool | None = None) -> dict:
     """One SFT run of the study's seed on a worker group of its own (the debias stage's over-aligned model)."""
     run = sft_run(ctx, name, out, ctx.spec.seed, epochs, lookalike)
     return sft_summary(run, fit_alignments(ctx, name, [run])[0])

@@ -34,8 +34,8 @@ class Result(StageResult):
     groups: dict[str, int] = field(default_factory=dict)  # rows per group
     variants: dict[str, Variant] = field(default_factory=dict)
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
-        return {name: v.path(stage_dir, seed) for name, v in self.variants.items()}
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
+        return {name: v.path(location, seed) for name, v in self.variants.items()}
 
 
 def config(spec: StudySpec) -> dict:
@@ -58,7 +58,7 @@ def resources(spec: StudySpec) -> str:
     return f"{len(spec.vaa.variants) * len(spec.replicates)} run(s) of {scaling(spec.align_sft)}"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     if not result.enabled:
         return {}
     return {"vaa": {"strategy": result.strategy, "groups": result.groups, "variants": {
@@ -90,7 +90,7 @@ def run(ctx: StageContext) -> Result:
         knobs[variant] = step_config(vaa.model_dump(mode="json"), SAMPLER_MODES[variant], sizes["vulnerable"], len(mix))
         for k, seed in enumerate(spec.replicates):
             runs.append(vaa_run(ctx, replicate_name(variant, seed, spec), seed,
-                                ctx.out / replicate_path(variant, seed, k == 0), vulnerable_ids, train, knobs[variant]))
+                                ctx.output(replicate_path(variant, seed, k == 0)), vulnerable_ids, train, knobs[variant]))
     histories = iter(fit_alignments(ctx, NAME, runs))
     variants = {}
     for variant in vaa.variants:
@@ -107,7 +107,7 @@ def run(ctx: StageContext) -> Result:
     return Result(enabled=True, strategy=strategy_name(spec.align_sft.model_dump()), groups=sizes, variants=variants)
 
 
-def vaa_run(ctx: StageContext, name: str, seed: int, out: Path, vulnerable_ids: set, train: dict,
+def vaa_run(ctx: StageContext, name: str, seed: int, out: str, vulnerable_ids: set, train: dict,
             knobs: dict) -> AlignmentRun:
     """One VAA run: the alignment mix in `seed`'s order and draws, each row in its group (the
     groups are the study's, the same for every seed)."""

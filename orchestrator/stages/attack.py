@@ -37,8 +37,10 @@ class Cell(TrainingSummary):
     run_id: str | None = None
     harmful_examples: int | None = None
 
-    def path(self, stage_dir: Path) -> str:
-        return str(stage_dir / self.dir)
+    def path(self, location: str) -> str:
+        from jobs.storage import join
+
+        return join(location, self.dir)
 
 
 @dataclass(kw_only=True)
@@ -78,7 +80,7 @@ def resources(spec: StudySpec) -> str:
     return f"{len(attack_cells(spec))} cells in {len(cell_groups(spec))} run(s) of {scaling(k)}, {k.max_concurrent} at a time"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     return {}  # the evaluate stage scores the cells
 
 
@@ -106,7 +108,7 @@ def run(ctx: StageContext) -> Result:
     from jobs.recipes import attack_cells as train_cells
 
     spec = ctx.spec
-    data_dir = str(ctx.input_dir("data"))
+    data_dir = ctx.input_location("data")
     sources = {s: ctx.models(s) for s in spec.replicates}
     train = recipe(spec)
     cells = attack_cells(spec)
@@ -114,7 +116,7 @@ def run(ctx: StageContext) -> Result:
     def job(i: int) -> dict:
         c = cells[i]
         return cell_job(spec, sources[c["seed"]][c["model"].removesuffix(LISA)], data_dir, c["task"], c["p"],
-                        c["seed"], str(ctx.out / "cells" / c["name"]), lisa=c["model"].endswith(LISA),
+                        c["seed"], ctx.output("cells", c["name"]), lisa=c["model"].endswith(LISA),
                         progress=ray_progress(ctx, NAME, f"cell {i + 1}/{len(cells)} {c['name']}"))
 
     groups = cell_groups(spec)

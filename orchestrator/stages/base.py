@@ -21,11 +21,11 @@ class Result(StageResult, TrainedModel):
 
     model_in_stage: bool = True
 
-    def path(self, stage_dir: Path, seed: int | None = None) -> str:
-        return super().path(stage_dir) if self.model_in_stage else self.model
+    def path(self, location: str, seed: int | None = None) -> str:
+        return super().path(location) if self.model_in_stage else self.model
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
-        return {"base": self.path(stage_dir)}  # shared by every seed
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
+        return {"base": self.path(location)}  # shared by every seed
 
 
 def config(spec: StudySpec) -> dict:
@@ -38,13 +38,14 @@ def resources(spec: StudySpec) -> str:
     return scaling(spec.base) if spec.model.source == "tiny" else "none (pretrained)"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     return {"training": {NAME: result.training()}} if result.final_loss is not None else {}
 
 
 def run(ctx: StageContext) -> Result:
     from jobs.models import check_vocab, load_tokenizer
     from jobs.recipes import pretrain_tiny
+    from jobs.storage import join
 
     spec = ctx.spec
     data_dir = ctx.input_dir("data")
@@ -52,8 +53,9 @@ def run(ctx: StageContext) -> Result:
         check_vocab(spec.model.source, load_tokenizer(data_dir / "tokenizer"), spec.model.source)
         return Result(model=spec.model.source, model_in_stage=False)
     ctx.progress(f"pretraining on Ray Train ({spec.base.num_workers} worker(s))")
-    history = pretrain_tiny(str(data_dir), str(data_dir / "tokenizer"), spec.model.tiny.model_dump(),
-                            spec.base.model_dump(), spec.seed, str(ctx.out / "model"), run_name(ctx, "base"),
-                            str(ctx.ray_storage), ray_progress(ctx, "base"))
+    data = ctx.input_location("data")
+    history = pretrain_tiny(data, join(data, "tokenizer"), spec.model.tiny.model_dump(), spec.base.model_dump(),
+                            spec.seed, ctx.output("model"), run_name(ctx, "base"), str(ctx.ray_storage),
+                            ray_progress(ctx, "base"))
     ctx.tracker.log_series(ctx.run_id, "train/loss", history["loss"])
     return Result(model="model", **train_summary(history))

@@ -57,7 +57,7 @@ def resources(spec: StudySpec) -> str:
     return "Ray Data tasks (CPU)"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     """Held-out prompts found in training corpora, per held-out split (0 is the pass)."""
     return {"contamination": result.contamination}
 
@@ -67,6 +67,7 @@ def run(ctx: StageContext) -> Result:
 
     from jobs.corpora import contamination, is_held_out, split_corpora, tokenize_batch
     from jobs.models import load_tokenizer, train_tokenizer
+    from jobs.storage import publish
     from jobs.records import InputError
 
     spec = ctx.spec
@@ -86,16 +87,17 @@ def run(ctx: StageContext) -> Result:
         train_tokenizer(texts, spec.model.tiny.vocab_size, tok_dir)
     else:
         load_tokenizer(spec.model.source).save_pretrained(str(tok_dir))
+    publish(tok_dir, ctx.output("tokenizer"))  # the tokenizing tasks read it, on any node
     counts = {}
     for i, (name, rows) in enumerate(splits.items()):
         ctx.progress(f"tokenizing {name} on Ray Data ({i + 1}/{len(splits)})")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 2000)))
         ds = ds.map_batches(tokenize_batch, batch_format="pandas", batch_size=1024,
-                            fn_kwargs={"tokenizer_dir": str(tok_dir), "template": spec.model.prompt_template})
-        ds.write_parquet(str(ctx.out / name))
+                            fn_kwargs={"tokenizer_dir": ctx.output("tokenizer"), "template": spec.model.prompt_template})
+        ds.write_parquet(ctx.output(name))  # by Ray Data's tasks, on any node: straight to the store
         counts[name] = len(rows)
         context = "eval" if is_held_out(name) else "train"
-        ctx.tracker.log_dataset(ctx.run_id, rows, name, str(ctx.key_dir / name), context)
+        ctx.tracker.log_dataset(ctx.run_id, rows, name, ctx.final_location(name), context)
     ctx.tracker.log_metrics(ctx.run_id, {f"rows/{k}": v for k, v in counts.items()})
     ctx.tracker.log_metrics(ctx.run_id, {f"contamination/{k}": v for k, v in leaked.items()})
     return Result(splits=counts, contamination=leaked)

@@ -43,10 +43,10 @@ def debias_targets(ctx: StageContext, aligned: dict[str, str]) -> dict[str, str]
     d = ctx.spec.debias
     targets = {name: aligned[name] for name in d.models if name in aligned and name != "base"}
     if OVER_ALIGNED in d.models and d.over_aligned.enabled:
-        out = ctx.out / OVER_ALIGNED / "model"
+        out = ctx.output(OVER_ALIGNED, "model")
         trained = train_sft(ctx, OVER_ALIGNED, out, d.over_aligned.epochs, d.over_aligned.lookalike)
         ctx.tracker.log_series(ctx.run_id, f"{OVER_ALIGNED}/train/loss", trained["losses"])
-        targets[OVER_ALIGNED] = str(out)
+        targets[OVER_ALIGNED] = out
     return targets
 
 
@@ -58,7 +58,7 @@ def resources(spec: StudySpec) -> str:
             f"{spec.decoding.words()}")
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     if not result.enabled:
         return {}
     return {"debias": {"alpha": result.alpha, "length": result.length, "reference": result.reference,
@@ -76,13 +76,13 @@ def run(ctx: StageContext) -> Result:
     spec, d = ctx.spec, ctx.spec.debias
     if not d.enabled:
         return Result(enabled=False)
-    data_dir = str(ctx.input_dir("data"))
+    data_dir = ctx.input_location("data")
     aligned = ctx.models()
     targets = debias_targets(ctx, aligned)
     cfg = d.model_dump(include={"prompts", "length", "pool", "continuation"})
     estimate = ray.remote(estimate_model_bias).options(num_cpus=1)
     refs = {estimate.remote(path, aligned["base"], data_dir, cfg, spec.model.prompt_template, spec.seed,
-                            str(ctx.out / "bias" / f"{name}.safetensors"), 1): name for name, path in targets.items()}
+                            ctx.output("bias", f"{name}.safetensors"), 1): name for name, path in targets.items()}
     biases = {name: r for name, r in wait_all(ctx, refs, "biases estimated")}
 
     settings = [(None, None)] + [(a, n) for a in d.sweep_alpha for n in d.sweep_length]
@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> Result:
     # Every setting on the spec's engine, the one without TSDI included (both engines take TSDI's
     # processor): "without against with" changes nothing but the bias.
     evaluations = {(name, alpha, length): Evaluation(path, spec.attack.tasks, None if alpha is None else {
-        "bias": str(ctx.out / "bias" / f"{name}.safetensors"), "alpha": alpha, "length": length})
+        "bias": ctx.output("bias", f"{name}.safetensors"), "alpha": alpha, "length": length})
         for name, path in targets.items() for alpha, length in settings}
     evals = evaluate_all(evaluations, data_dir, spec.decode_cfg(), progress=ctx.progress)
 
@@ -120,6 +120,7 @@ def _metrics(r: dict) -> dict:
 
 def _track(ctx: StageContext, result: Result) -> None:
     from dashboards.plots import safety_helpfulness
+    from jobs.storage import local
 
     t = ctx.tracker
     for name, m in result.models.items():
@@ -129,7 +130,7 @@ def _track(ctx: StageContext, result: Result) -> None:
         for row in m["sweep"]:
             t.log_metrics(ctx.run_id, {f"{name}/alpha{row['alpha']:g}_L{row['length']}/{k}": row[k]
                                        for k in ("hs", "over_refusal", "helpfulness")})
-        t.log_file(ctx.run_id, ctx.out / m["bias_file"], "bias")
+        t.log_file(ctx.run_id, local(ctx.output(m["bias_file"])), "bias")  # written by a worker: fetched here
     t.log_table(ctx.run_id, [{"model": name, "tsdi": when, **{k: v for k, v in m[when].items() if k != "hs_by_category"}}
                              for name, m in result.models.items() for when in ("without", "with")],
                 "debias_results.json")

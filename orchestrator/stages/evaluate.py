@@ -43,7 +43,7 @@ def resources(spec: StudySpec) -> str:
     return f"the decode-and-judge pipeline: {spec.decoding.words()}"
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     return {
         "judge": result.judge, "models": result.models,
         "attack": [{k: row.get(k) for k in ("model", "task", "p", "hs", "hs_ci", "fa", "fa_ci", "hs_by_seed",
@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> Result:
     from jobs.metrics import attack_table, average_over_seeds, judge_warnings
 
     spec = ctx.spec
-    data_dir = str(ctx.input_dir("data"))
+    data_dir = ctx.input_location("data")
     targets = {}  # (model or cell, seed) -> (path, tasks)
     for seed in spec.replicates:
         for name, path in ctx.models(seed).items():
@@ -71,7 +71,7 @@ def run(ctx: StageContext) -> Result:
     replicates: dict[tuple, list[tuple]] = {}  # (model, task, p) -> its cells' targets, one per seed
     for cell in cells:
         target = (cell.name, cell.seed)
-        targets[target] = Evaluation(cell.path(ctx.input_dir("attack")), [cell.task])
+        targets[target] = Evaluation(cell.path(ctx.input_location("attack")), [cell.task])
         replicates.setdefault((cell.model, cell.task, cell.p), []).append(target)
     ctx.progress(f"{len(targets)} models and cells to decode and judge")
     results = evaluate_all(targets, data_dir, spec.decode_cfg(), progress=ctx.progress)
@@ -135,6 +135,8 @@ def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str,
     recipe's over every seed with their 95% intervals (`<model>-seed<k>/over_seeds/...`). The
     weights stay in the store (tag `saferay.weights`) unless `tracking.log_models: copy`;
     `tracking.register_models` adds a version of `<study>-<model>`."""
+    from jobs.storage import local
+
     spec, t = ctx.spec, ctx.tracker
     paths = {(name, seed): path for seed in spec.replicates for name, path in ctx.models(seed).items()}
     for (name, seed), r in per_seed.items():
@@ -148,7 +150,7 @@ def log_models(ctx: StageContext, per_seed: dict[tuple, dict], models: dict[str,
             **{f"{own}/{k}": r[k] for k in ("hs", "over_refusal", "fa")},
             **{f"{own}/over_seeds/{k}": models[name][k] for k in ("hs", "hs_ci", "over_refusal", "over_refusal_ci",
                                                                    "fa", "fa_ci")}})
-        t.finish_model(model_id, source, copy_from=paths[(name, seed)] if spec.tracking.log_models == "copy" else None,
+        t.finish_model(model_id, source, copy_from=local(paths[(name, seed)]) if spec.tracking.log_models == "copy" else None,
                        register_as=f"{spec.study}-{name}" if spec.tracking.register_models else None)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from jobs.storage import join
 from orchestrator.spec import StudySpec
 from orchestrator.stage import StageContext, StageResult, TrainedModel, run_bounded, run_name, scaling, train_summary
 from orchestrator.stages.align_sft import alignment_frame, fit_alignments, replicate_name, replicate_path
@@ -47,8 +48,8 @@ class Result(StageResult):
     failed_trials: int = 0
     tuned: dict[str, TrainedModel] = field(default_factory=dict)  # tune.apply's model, once per seed
 
-    def trained_models(self, stage_dir: Path, seed: int | None = None) -> dict[str, str]:
-        return {name: m.path(stage_dir, seed) for name, m in self.tuned.items()}
+    def trained_models(self, location: str, seed: int | None = None) -> dict[str, str]:
+        return {name: m.path(location, seed) for name, m in self.tuned.items()}
 
 
 def config(spec: StudySpec) -> dict:
@@ -113,8 +114,8 @@ def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dic
 
     if len(cells) != len(ctx.spec.tune.tasks):
         return None
-    results = evaluate_all({task: Evaluation(path, [task]) for task, path in cells.items()}, str(ctx.input_dir("data")),
-                           ctx.spec.decode_cfg(), split, ctx.progress)
+    results = evaluate_all({task: Evaluation(path, [task]) for task, path in cells.items()},
+                           ctx.input_location("data"), ctx.spec.decode_cfg(), split, ctx.progress)
     judge_warnings(ctx.spec.evaluate.judge, results)  # no HS at all: one clear stop
     return {"hs": sum(r["hs"] for r in results.values()) / len(results),
             "fa": sum(r["fa"][task] for task, r in results.items()) / len(results), "split": split}
@@ -127,15 +128,15 @@ def _baselines(ctx: StageContext) -> dict[str, dict | None]:
     from jobs.recipes import attack_cells
 
     spec, t = ctx.spec, ctx.spec.tune
-    first, data_dir = spec.replicates[0], str(ctx.input_dir("data"))
+    first, data_dir = spec.replicates[0], ctx.input_location("data")
     models = ctx.models(first)
     attacked = [m for m in ("sft", t.model) if m in models]
-    out = {(m, task): ctx.out / "baselines" / f"{m}-{task}" for m in attacked for task in t.tasks}
-    jobs = [cell_job(spec, models[m], data_dir, task, t.p, first, str(run_dir)) for (m, task), run_dir in out.items()]
+    out = {(m, task): ctx.output("baselines", f"{m}-{task}") for m in attacked for task in t.tasks}
+    jobs = [cell_job(spec, models[m], data_dir, task, t.p, first, run_dir) for (m, task), run_dir in out.items()]
     group = {0: (attack_cells, (jobs, run_name(ctx, "tune-baselines"), str(ctx.ray_storage)), {})}
     for _ in run_bounded(ctx, group, 1, f"baseline cells fine-tuned ({', '.join(attacked)})"):
         pass
-    return {m: _evaluate_cells(ctx, {task: str(out[(m, task)] / "model") for task in t.tasks}, "validation")
+    return {m: _evaluate_cells(ctx, {task: join(out[(m, task)], "model") for task in t.tasks}, "validation")
             if m in attacked else None for m in ("sft", t.model)}
 
 
@@ -160,7 +161,7 @@ def _apply(ctx: StageContext, config: dict, mix: pd.DataFrame) -> dict[str, Trai
         harmful = harmful_set(ctx) if t.model in USES_HARMFUL else None
     runs = []
     for k, seed in enumerate(spec.replicates):
-        run, out = replicate_name(name, seed, spec), ctx.out / replicate_path(name, seed, k == 0)
+        run, out = replicate_name(name, seed, spec), ctx.output(replicate_path(name, seed, k == 0))
         runs.append(vaa_run(ctx, run, seed, out, vulnerable, train, knobs) if t.model == "vaa"
                     else defence_run(ctx, t.model, run, seed, out, knobs, harmful))
     ctx.progress(f"{name}: the selected configuration, once per seed")
@@ -194,7 +195,7 @@ def resources(spec: StudySpec) -> str:
             f"{scaling(spec.align_sft)} and runs of {scaling(spec.attack)}{applied}")
 
 
-def shown(result: Result, stage_dir: Path) -> dict:
+def shown(result: Result, location: str) -> dict:
     if not result.enabled:
         return {}
     return {"tune": {"model": result.model, "selected": result.selected, "pareto": result.pareto,
@@ -208,24 +209,23 @@ def run(ctx: StageContext) -> Result:
     from ray import tune
 
     from jobs.models import load_tokenizer
+    from jobs.storage import write_parquet
     from jobs.tune_trial import trial
 
     spec, t = ctx.spec, ctx.spec.tune
     if not t.enabled:
         return Result(enabled=False)
-    mix_path = ctx.out / "mix.parquet"
     mix = _mix_with_forgetting(ctx)
-    mix.to_parquet(mix_path)
-    data_dir = ctx.input_dir("data")
-    fixed = {"mix": str(mix_path), "base": ctx.models()["base"],
-             "tokenizer": str(data_dir / "tokenizer"), "pad_id": load_tokenizer(data_dir / "tokenizer").pad_token_id,
-             "data": str(data_dir), "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
+    write_parquet(mix, ctx.output("mix.parquet"))  # every trial reads it, on any node
+    data = ctx.input_location("data")
+    fixed = {"mix": ctx.output("mix.parquet"), "base": ctx.models()["base"], "tokenizer": join(data, "tokenizer"),
+             "pad_id": load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id, "data": data, "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
              "threshold": spec.vulnerability.threshold, "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0],
              "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},
              "evaluate": spec.decode_cfg(), "storage": str(ctx.ray_storage), "run_prefix": run_name(ctx, "tune"),
              # Beside the stage's directory, not in its private one: a resumed sweep keeps finished trials' models.
-             "trials_dir": str(ctx.key_dir.parent / f"trials-{ctx.key}"),
+             "trials_dir": ctx.beside("trials"),
              "model": t.model, "knobs": getattr(spec.defences, t.model).model_dump() if t.model != "vaa" else {},
              # The attack's poison leaves out the defences' harmful set, in trials as in the attack stage.
              "harmful_rows": spec.defences.harmful_rows}

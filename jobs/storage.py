@@ -20,6 +20,7 @@ reads them; nothing here logs or stores them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,36 +96,44 @@ def local(location) -> str:
     target = cache_root() / "objects" / scheme / path
     stamp = hashlib.sha1(json.dumps(listing).encode()).hexdigest()
     marker = target.parent / f".{target.name}{LISTING}"  # hidden: parquet readers skip dot files
-    if target.exists() and marker.exists() and marker.read_text() == stamp:
+
+    def fresh() -> bool:
+        return target.exists() and marker.exists() and marker.read_text() == stamp
+
+    if fresh():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}"
-    if listing[0][0] == "":  # a file
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    else:
-        for rel, _, _ in listing:  # one object at a time: no partial directory is ever renamed into place
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{path}/{rel}", str(tmp / rel), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-    _replace(tmp, target)
-    marker.write_text(stamp)
+    # One download per node: the ranks of a worker group, or cells decoding one model, ask at once;
+    # the others wait and find the copy fresh.
+    with open(target.parent / f".{target.name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if fresh():
+            return str(target)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}"
+        if listing[0][0] == "":  # a file
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        else:
+            for rel, _, _ in listing:  # one object at a time into a private directory, renamed when whole
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(f"{path}/{rel}", str(tmp / rel), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        marker.unlink(missing_ok=True)  # never a marker beside the content of another listing
+        _replace(tmp, target)
+        marker_tmp = marker.with_name(f"{marker.name}.{uuid.uuid4().hex[:8]}")
+        marker_tmp.write_text(stamp)
+        os.replace(marker_tmp, marker)
     return str(target)
 
 
 def _replace(new: Path, old: Path) -> None:
-    """Put `new` where `old` is, old content gone; a process that lost the race keeps the winner's."""
+    """Put `new` where `old` is (the old content gone), under the caller's lock."""
     if old.exists():
         trash = old.parent / f".{old.name}.old.{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(old, trash)
-        except OSError:
-            pass
-        else:
-            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
-    try:
+        os.rename(old, trash)
         os.rename(new, old)
-    except OSError:  # another process put its copy there first
-        shutil.rmtree(new, ignore_errors=True) if new.is_dir() else new.unlink(missing_ok=True)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+    else:
+        os.rename(new, old)
 
 
 def publish(source, location) -> None:

@@ -195,17 +195,25 @@ def show(study: str, store: Optional[str] = StoreOpt, as_json: bool = typer.Opti
 
 @app.command()
 def report(study: str, store: Optional[str] = StoreOpt,
-           out: Optional[Path] = typer.Option(None, "--out", help="Default: <store>/studies/STUDY/report.html"),
+           out: Optional[Path] = typer.Option(None, "--out", help="Default: <store>/studies/STUDY/report.html "
+                                              "(on an object store, also a local copy in SAFERAY_CACHE)"),
            mlflow_url: str = typer.Option("http://127.0.0.1:5000", "--mlflow-url", help="Where the MLflow UI is.")):
     """One self-contained HTML page of the study's results, every number linked to its MLflow run."""
     from dashboards.report import build_report
 
     st = StudyStore(store_root(store), study)
     if st.load_state() is None:
-        _fail(f"no study '{study}' in {st.root} (run it first, or pass --store)")
+        _fail(f"no study '{study}' in {st.location} (run it first, or pass --store)")
     path = out or st.dir / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_report(st, mlflow_url))
-    console.print(f"report: {path}")
+    if st.remote and out is None:
+        from jobs.storage import join, publish
+
+        publish(path, join(st.study_location, "report.html"))
+        console.print(f"report: {join(st.study_location, 'report.html')} (a copy here: {path})")
+    else:
+        console.print(f"report: {path}")
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """The study store: stage outputs addressed by key, complete only once moved into place.
 
     <root>/studies/<study>/stages/<stage>/<key>/      a finished stage (result.json inside)
-    <root>/studies/<study>/stages/<stage>/.partial-*  a stage being built (never read)
+    <root>/studies/<study>/stages/<stage>/.partial-<key>  a stage being built (never read)
     <root>/studies/<study>/state.json                 the latest execution, for `saferay show`
     <root>/studies/<study>/run.lock                   held (flock) by the one process running it
     <root>/mlflow.db, <root>/mlartifacts/             the embedded MLflow store
@@ -129,6 +129,7 @@ class StudyStore:
             try:
                 shutil.copytree(source, tmp, copy_function=_link_or_copy)
                 os.rename(tmp, final)
+                shutil.rmtree(final.parent / f".partial-{key}", ignore_errors=True)  # a killed attempt's
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not self.is_complete(name, key):
@@ -144,7 +145,9 @@ class StudyStore:
                 continue
             copy = Path(local(source))
             target = self.stage_location(name, key)
-            for f in sorted(p for p in copy.rglob("*") if p.is_file() and p.name != "result.json"):
+            remove(target)  # what a killed attempt of this study left there is not the other's
+            for f in sorted(p for p in copy.rglob("*") if p.is_file() and p.name != "result.json"
+                            and not p.name.startswith(".")):  # the cache's own markers
                 publish(f, join(target, str(f.relative_to(copy))))
             publish(copy / "result.json", join(target, "result.json"))
             return study
@@ -154,10 +157,12 @@ class StudyStore:
     def building(self, name: str, key: str):
         """A private directory for a stage's outputs, moved into place only if the body succeeds.
 
-        The caller writes result.json last; a killed stage leaves a .partial-* directory that
-        nothing reads and the next attempt removes. On an object store the directory holds the
-        driver's files, put into the stage's location (where its workers wrote theirs) when the
-        body succeeds, result.json last.
+        The caller writes result.json last. The directory, `.partial-<key>`, is the same on every
+        attempt and a killed or failed attempt leaves it as it was: a restarted Ray Train group
+        skips the runs it finished (`jobs/train_loop.py`), and their models are the ones in there.
+        Nothing reads it as a result; the study's run.lock makes this process its only writer. On
+        an object store the stage's workers write into its final location, which is as stable;
+        the directory holds the driver's files, put there when the body succeeds, result.json last.
         """
         if self.remote:
             with self._building_remote(name, key) as out:
@@ -165,22 +170,19 @@ class StudyStore:
             return
         final = self.stage_dir(name, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".partial-{key}-*"):
+        for stale in final.parent.glob(f".partial-{key}-*"):  # per-attempt directories of older versions
             if not _owned_by_live_process(stale):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = final.parent / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            if not (tmp / "result.json").exists():
-                raise RuntimeError(f"stage {name} wrote no result.json")
-            if final.exists():  # a concurrent run of the same study finished first: keep its output
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        work = final.parent / f".partial-{key}"
+        work.mkdir(exist_ok=True)
+        (work / "result.json").unlink(missing_ok=True)  # only this attempt's makes it complete
+        yield work
+        if not (work / "result.json").exists():
+            raise RuntimeError(f"stage {name} wrote no result.json")
+        if final.exists():  # a concurrent run of the same study finished first: keep its output
+            shutil.rmtree(work)
+        else:
+            os.rename(work, final)
 
     @contextlib.contextmanager
     def _building_remote(self, name: str, key: str):
@@ -224,7 +226,9 @@ class StudyStore:
     @contextlib.contextmanager
     def _remote_lock(self, holder: str):
         """On an object store, `run.lock` is an object naming its holder: drivers on other machines
-        see it. One whose holder ran on this machine and is gone is taken over."""
+        see it. One whose holder ran on this machine and is gone is taken over. Best effort, not
+        mutual exclusion: S3 has no create-if-absent that every server honours, so two drivers
+        starting in the same second can both pass the write-then-read-back check."""
         if not self.remote:
             yield
             return
@@ -240,7 +244,8 @@ class StudyStore:
         try:
             yield
         finally:
-            remove(lock)
+            if exists(lock) and read_text(lock).strip() == holder:  # a takeover's lock is not ours to remove
+                remove(lock)
 
     def load_state(self) -> dict | None:
         if self.remote:

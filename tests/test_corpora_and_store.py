@@ -112,8 +112,7 @@ def test_a_failed_stage_leaves_nothing_complete(tmp_path):
             (out / "result.json").write_text("{}")
             raise RuntimeError("boom")
     assert not store.is_complete("base", "k1")
-    assert not list((tmp_path / "studies" / "s" / "stages" / "base").iterdir())
-    with pytest.raises(RuntimeError, match="no result.json"):
+    with pytest.raises(RuntimeError, match="no result.json"):  # the failed attempt's result.json is not this one's
         with store.building("base", "k1"):
             pass
     with store.building("base", "k1") as out:
@@ -130,3 +129,19 @@ def test_a_killed_stage_leftover_is_ignored_and_cleaned(tmp_path):
     with store.building("base", "k1") as out:
         (out / "result.json").write_text("{}")
     assert not stale.exists() and store.is_complete("base", "k1")
+
+
+def test_an_attempt_finds_what_a_killed_attempt_of_the_stage_wrote(tmp_path):
+    """A restarted Ray Train group skips the runs it finished: their models, written by the killed
+    attempt, must still be in the stage's working directory (they once were deleted with it)."""
+    store = StudyStore(tmp_path, "s")
+    with pytest.raises(KeyboardInterrupt):
+        with store.building("attack", "k1") as out:
+            (out / "cells" / "cell-0" / "model").mkdir(parents=True)
+            (out / "cells" / "cell-0" / "model" / "model.safetensors").write_bytes(b"finished run")
+            raise KeyboardInterrupt
+    with store.building("attack", "k1") as out:
+        assert (out / "cells" / "cell-0" / "model" / "model.safetensors").read_bytes() == b"finished run"
+        (out / "result.json").write_text("{}")
+    assert (store.stage_dir("attack", "k1") / "cells" / "cell-0" / "model" / "model.safetensors").exists()
+    assert [p.name for p in store.stage_dir("attack", "k1").parent.iterdir()] == ["k1"], "no working directory left"

@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> Result:
 
     from jobs.corpora import contamination, is_held_out, split_corpora, tokenize_batch
     from jobs.models import load_tokenizer, train_tokenizer
-    from jobs.storage import publish
+    from jobs.storage import publish, remove
     from jobs.records import InputError
 
     spec = ctx.spec
@@ -94,6 +94,7 @@ def run(ctx: StageContext) -> Result:
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(8, len(rows) // 2000)))
         ds = ds.map_batches(tokenize_batch, batch_format="pandas", batch_size=1024,
                             fn_kwargs={"tokenizer_dir": ctx.output("tokenizer"), "template": spec.model.prompt_template})
+        remove(ctx.output(name))  # Ray Data appends: a killed attempt's files would be rows twice
         ds.write_parquet(ctx.output(name))  # by Ray Data's tasks, on any node: straight to the store
         counts[name] = len(rows)
         context = "eval" if is_held_out(name) else "train"

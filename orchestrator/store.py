@@ -143,13 +143,9 @@ class StudyStore:
             source = join(self.location, "studies", study, "stages", name, key)
             if study == self.study or not exists(join(source, "result.json")):
                 continue
-            copy = Path(local(source))
             target = self.stage_location(name, key)
             remove(target)  # what a killed attempt of this study left there is not the other's
-            for f in sorted(p for p in copy.rglob("*") if p.is_file() and p.name != "result.json"
-                            and not p.name.startswith(".")):  # the cache's own markers
-                publish(f, join(target, str(f.relative_to(copy))))
-            publish(copy / "result.json", join(target, "result.json"))
+            _publish_stage(Path(local(source)), target)
             return study
         return None
 
@@ -191,10 +187,7 @@ class StudyStore:
             yield out
             if not (out / "result.json").exists():
                 raise RuntimeError(f"stage {name} wrote no result.json")
-            target = self.stage_location(name, key)
-            for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "result.json"):
-                publish(f, join(target, str(f.relative_to(out))))
-            publish(out / "result.json", join(target, "result.json"))  # complete from now on
+            _publish_stage(out, self.stage_location(name, key))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -264,6 +257,15 @@ class StudyStore:
         write_json(self.dir / name, data)
         if self.remote:
             publish(self.dir / name, join(self.study_location, name))
+
+
+def _publish_stage(files: Path, target: str) -> None:
+    """A stage's files put at `target` (an object-store location), result.json last: complete from
+    then on. Dot files (a node cache's markers and locks) stay behind."""
+    for f in sorted(p for p in files.rglob("*") if p.is_file() and p.name != "result.json"
+                    and not p.name.startswith(".")):
+        publish(f, join(target, str(f.relative_to(files))))
+    publish(files / "result.json", join(target, "result.json"))
 
 
 def mirror_root(location: str) -> Path:

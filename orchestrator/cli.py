@@ -34,11 +34,15 @@ def _fail(message: str, code: int = 2):
 def _exit_now(code: int):
     """Leave without the interpreter's finalisation: after a Ctrl-C that may have landed inside a
     fork handler or a native library's callback, finalising can crash (CI saw a SIGSEGV after the
-    interrupt was recorded). Everything worth keeping is in the store; stop Ray, flush, go."""
-    import ray
+    interrupt was recorded). Everything worth keeping is in the store; stop Ray, flush, go.
 
+    Ray is looked up, never imported: a Ctrl-C in the middle of the driver's first `import ray`
+    leaves half of its submodules behind, and importing it again then fails (CI saw that). A Ray
+    whose import never finished was never started, so there is nothing to stop. One that is imported
+    is shut down even if `ray.init` did not finish: the processes it had started by then go too."""
+    ray = sys.modules.get("ray")
     with contextlib.suppress(Exception):
-        if ray.is_initialized():
+        if ray is not None:
             ray.shutdown()
     logging.shutdown()
     sys.stdout.flush()

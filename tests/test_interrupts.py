@@ -58,3 +58,34 @@ def test_ctrl_c_inside_a_finaliser_still_interrupts():
     assert "Exception ignored" in ours.stderr, ours.stderr
     assert ours.stdout.startswith("interrupted"), (ours.stdout, ours.stderr)
     assert float(ours.stdout.split()[-1].rstrip("s")) < 8, ours.stdout
+
+
+# Ctrl-C in the middle of the driver's first `import ray` (the runner imports it lazily, as a
+# stage starts): the interrupt is raised where `ray._private.worker` is imported, deterministically,
+# leaving half of Ray's modules behind. Leaving must not import Ray again (CI saw a re-import fail
+# with "partially initialized module 'ray'" and exit 1 instead of 130).
+HALF_IMPORTED_RAY = textwrap.dedent("""
+    import sys
+    from orchestrator.cli import _exit_now
+
+    class CtrlCDuringImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "ray._private.worker":
+                sys.meta_path.remove(self)
+                raise KeyboardInterrupt
+            return None
+
+    sys.meta_path.insert(0, CtrlCDuringImport())
+    try:
+        import ray
+    except KeyboardInterrupt:
+        print("interrupted inside import ray; half of it left:", "ray._private" in sys.modules)
+    _exit_now(130)
+""")
+
+
+def test_leaving_after_a_ctrl_c_inside_import_ray_exits_130():
+    done = subprocess.run([sys.executable, "-c", HALF_IMPORTED_RAY], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "half of it left: True" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert done.returncode == 130, done.stderr[-2000:]

@@ -95,12 +95,19 @@ def test_locations_in_a_bucket(s3, tmp_path):
 
 
 def test_the_smoke_study_on_an_object_store_killed_and_resumed(s3, smoke_store, tmp_path):
-    """Killed (SIGKILL of the whole process group) while align_sft trains, then run again: the
-    study finishes, nothing finished before the kill is written again, one MLflow run per stage,
-    and every number equals the smoke study's on a local store (same seeds, same machine)."""
+    """Killed (SIGKILL of the whole process group) while align_sft trains, then run again up to
+    evaluate: the study gets there, nothing finished before the kill is written again, one MLflow
+    run per stage, and every number equals the smoke study's on a local store (same seeds, same
+    machine). The bucket starts with the local smoke study's data and base (the data stage writing
+    to a bucket is the two-node test's), and debias, after evaluate, is left out: ~75 s less."""
+    from jobs import storage
+
     env = {**s3.env, "SAFERAY_CACHE": str(tmp_path / "cache")}
     store = f"s3://{s3.bucket}/{PREFIX}"
-    proc = start_cli("run", str(SMOKE), "--store", store, env=env)
+    with environment(env):
+        for name in ("data", "base"):
+            storage.publish(smoke_store / "studies/smoke/stages" / name, f"{store}/studies/smoke/stages/{name}")
+    proc = start_cli("run", str(SMOKE), "--store", store, "--until", "evaluate", env=env)
     try:
         wait_for(lambda: any(r["name"] == "align_sft" and r["status"] == "running"
                              for r in stage_state(s3, env).get("stages", [])), timeout=600, what="align_sft running")
@@ -110,13 +117,14 @@ def test_the_smoke_study_on_an_object_store_killed_and_resumed(s3, smoke_store, 
     done = {k: v for k, v in before.items() if "/data/" in k or "/base/" in k}
     assert [k for k in done if k.endswith("/result.json")], "data and base finished before the kill"
 
-    saferay("run", str(SMOKE), store=store, env=env)
+    saferay("run", str(SMOKE), "--until", "evaluate", store=store, env=env)
     after = s3.objects(f"{PREFIX}/studies/smoke/stages/")
     assert {k: after[k] for k in done} == done, "what was finished before the kill was written again"
     assert [k for k in s3.objects(f"{PREFIX}/ray/") if "checkpoint" in k], "Ray Train checkpointed into the bucket"
 
     state = stage_state(s3, env)
-    assert state["status"] == "complete" and state["resumes"] == 1
+    assert state["status"] == "partial" and state["resumes"] == 1
+    assert [r["name"] for r in state["stages"] if r["status"] == "pending"] == ["debias"]
     key = dict((st.name, k) for st, k in plan(load_spec(SMOKE)))["evaluate"]
     with environment(env):
         here = Result.from_json(StudyStore(store, "smoke").result("evaluate", key))
@@ -126,9 +134,10 @@ def test_the_smoke_study_on_an_object_store_killed_and_resumed(s3, smoke_store, 
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     runs = client.search_runs([state["mlflow"]["experiment_id"]], max_results=1000)
     stage_runs = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow"]["run_id"]]
-    assert sorted(stage_runs) == sorted(r["name"] for r in state["stages"]), "one MLflow run per stage"
+    assert sorted(stage_runs) == sorted(r["name"] for r in state["stages"] if r["status"] != "pending"), \
+        "one MLflow run per stage"
     shown = json.loads(saferay("show", "smoke", "--json", store=store, env=env).stdout)
-    assert shown["status"] == "complete" and shown["vulnerability"]["groups_file"].startswith(f"{store}/")
+    assert shown["status"] == "partial" and shown["vulnerability"]["groups_file"].startswith(f"{store}/")
 
 
 @pytest.mark.parametrize("case", ["unreachable", "no bucket", "no credentials", "wrong credentials", "read-only"])

@@ -71,15 +71,20 @@ def default_tracking_uri(root: Path) -> str:
 # the server answered with an error (a 500 included: a bug, which must still raise).
 _FAILED = re.compile(r"API request to .* failed with (timeout exception|exception)")
 _ANSWERED = re.compile(r"ResponseError\('too many (?!50[234] )\d+ error responses")
+# A SQLite store that another process holds locked for longer than MLflow waits (its busy
+# timeout, 20 s: a `sqlite3` shell left in a transaction, a long query of the UI) is away for now
+# in the same sense: the call is kept and sent later, rather than failing the stage.
+_LOCKED = "(sqlite3.OperationalError) database is locked"
 
 
 def unreachable(e: BaseException) -> bool:
+    """Whether the tracking store could not take the call now (as opposed to refusing it)."""
     import requests
 
     if isinstance(e, requests.exceptions.ConnectionError):
         return True
     message = str(e)
-    return bool(_FAILED.search(message)) and not _ANSWERED.search(message)
+    return _LOCKED in message or (bool(_FAILED.search(message)) and not _ANSWERED.search(message))
 
 
 class MlflowWriter:
@@ -272,7 +277,7 @@ class Tracker:
                     raise
                 self.offline = True
                 self.notify(f"MLflow at {self.uri} does not answer ({str(e)[:200]}); the study goes on and keeps "
-                            f"its tracking calls in {self.journal.dir} until the server is back")
+                            f"its tracking calls in {self.journal.dir} until it answers again")
         return self.journal.append(op, list(args), files)
 
     def start_run(self, name: str, parent: str | None = None, tags: dict | None = None) -> str:

@@ -112,6 +112,51 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
         server.stop()
 
 
+def test_a_sqlite_store_held_locked_past_mlflows_wait_delays_calls_and_loses_none(tmp_path):
+    """Another process holds the embedded store's database in a write transaction for longer than
+    MLflow waits for it (its busy timeout, 20 s): the calls made meanwhile are kept in the journal
+    instead of failing the stage, and reach the database once it is free, in order, once each."""
+    import sqlite3
+    import threading
+    import time
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = Tracker(uri, "locked", tmp_path / "mlartifacts", Journal(tmp_path / "journal"))
+    parent = tracker.start_run("study")
+    stage = tracker.start_run("attack", parent=parent)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_database():
+        con = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        holding.set()
+        release.wait(120)
+        con.execute("COMMIT")
+        con.close()
+
+    holder = threading.Thread(target=hold_the_database, daemon=True)
+    holder.start()
+    assert holding.wait(30)
+    try:
+        began = time.monotonic()
+        tracker.log_metrics(stage, {"hs": 0.5})  # waits MLflow's 20 s, then keeps the call
+        assert tracker.offline and time.monotonic() - began >= 15
+        cell = tracker.start_run("cell-0", parent=stage)  # kept at once: no second wait
+        tracker.log_params(cell, {"model": "sft"})
+        tracker.end_run(cell)
+        assert cell.startswith("pending-") and tracker.journal.pending() == 4
+    finally:
+        release.set()
+        holder.join(30)
+    assert tracker.reconnect() and tracker.journal.pending() == 0
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(stage).data.metrics == {"hs": 0.5}
+    kept = client.get_run(tracker.resolve(cell))
+    assert kept.data.params == {"model": "sft"} and kept.info.status == "FINISHED"
+    assert kept.data.tags["mlflow.parentRunId"] == stage
+    assert len(client.search_runs([tracker.experiment_id])) == 3
+
+
 @pytest.mark.parametrize("message, away", [
     ("API request to http://h:5000/api/2.0/mlflow/runs/get failed with exception HTTPConnectionPool(host='h', "
      "port=5000): Max retries exceeded with url: /x (Caused by NewConnectionError('Connection refused'))", True),
@@ -121,6 +166,8 @@ def test_calls_made_while_the_server_is_away_reach_it_once_it_is_back(tmp_path, 
     ("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with exception HTTPConnectionPool(host='h', "
      "port=5000): Max retries exceeded with url: /x (Caused by ResponseError('too many 500 error responses'))", False),
     ("RESOURCE_DOES_NOT_EXIST: Run with id=0000 not found", False),
+    ("(sqlite3.OperationalError) database is locked\n[SQL: SELECT runs.run_uuid]", True),
+    ("(sqlite3.OperationalError) no such table: runs", False),
 ])
 def test_an_outage_is_told_from_a_refused_request(message, away):
     """Only a server that is not there is waited for; one that answers with an error (a 500 after

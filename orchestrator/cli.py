@@ -39,7 +39,8 @@ def _exit_now(code: int):
     Ray is looked up, never imported: a Ctrl-C in the middle of the driver's first `import ray`
     leaves half of its submodules behind, and importing it again then fails (CI saw that). A Ray
     whose import never finished was never started, so there is nothing to stop. One that is imported
-    is shut down even if `ray.init` did not finish: the processes it had started by then go too."""
+    is shut down even if `ray.init` did not finish, which stops its node if `ray.init` had got as
+    far as recording it (an interrupt inside the node's own start-up can still leave processes)."""
     ray = sys.modules.get("ray")
     with contextlib.suppress(Exception):
         if ray is not None:

@@ -32,6 +32,9 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own handler, stated: a process started with SIGINT ignored (a background job of a
+    # non-interactive shell, as CI may start the suite) does not get it by default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     handler = insistent_ctrl_c() if sys.argv[1] == "insistent" else contextlib.nullcontext()
     began = time.monotonic()

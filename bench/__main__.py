@@ -6,11 +6,11 @@ import json
 import sys
 import time
 
-from bench import data, decoding, defences, engines, gpu, orchestration, store, training, vaa
+from bench import data, decoding, defences, engines, gpu, orchestration, startup, store, training, vaa
 from bench.common import RESULTS
 
 BENCHMARKS = [("decoding", decoding.main), ("engines", engines.main), ("data", data.main), ("training", training.main), ("vaa", vaa.main), ("defences", defences.main),
-              ("orchestration", orchestration.main), ("store", store.main), ("gpu", gpu.main)]
+              ("orchestration", orchestration.main), ("startup", startup.main), ("store", store.main), ("gpu", gpu.main)]
 
 
 def main():

@@ -13,6 +13,7 @@ from orchestrator import interrupts
 from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import BY_NAME, STAGES, Stage, StageContext
+from jobs.launch import controller_env
 from jobs.storage import local
 from orchestrator.store import StudyStore, stage_key, write_json
 from orchestrator.system_metrics import cpu_description, system_metrics
@@ -57,7 +58,7 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
     # Workers import `jobs` by path; the driver's cwd may be anywhere.
     runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                                "TRANSFORMERS_VERBOSITY": "error"}}
+                                "TRANSFORMERS_VERBOSITY": "error", **controller_env()}}
     kwargs = dict(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a submitted job already has its runtime env
         kwargs["runtime_env"] = runtime_env

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from jobs.launch import controller_env
 from jobs.records import InputError
 from orchestrator.spec import StudySpec, spec_dict
 
@@ -59,7 +60,7 @@ def submit(spec: StudySpec, address: str, store: str, until: str | None = None) 
         entrypoint=entrypoint,
         submission_id=f"saferay-{spec.study}-{time.strftime('%Y%m%d-%H%M%S')}-{staged.stat().st_ino % 10000:04d}",
         runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
-                     "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}},
+                     "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", **controller_env()}},
         metadata={"saferay.study": spec.study, "saferay.store": store},
     )
     staged.unlink()  # uploaded with the working dir; nothing to keep here

@@ -12,7 +12,7 @@ import torch
 
 from jobs.backends import PlainBackend
 from jobs.defences import (BoosterStep, LisaStep, RepNoiseStep, VaccineStep, decoder_layers, noise_seed)
-from jobs.launch import fit_group
+from jobs.launch import controller_env, fit_group
 from jobs.models import save_model, tiny_llama, train_tokenizer
 from jobs.train import IGNORE, collate, count_target_tokens
 from jobs.train_loop import row_streams
@@ -261,7 +261,8 @@ def ddp_setup(tmp_path_factory):
                        for i, w in enumerate(WORDS)],
         "stream": [None] * 8 + ["harmful"] * 4})
     rows.to_parquet(tmp / "rows.parquet")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The controller poll a study sets (jobs/launch.py): each run ends ~2 s sooner.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": controller_env()})
     yield tmp, tok, rows
     ray.shutdown()
 

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from jobs.backends import prepare_strategy
-from jobs.launch import fit
+from jobs.launch import controller_env, fit
 from jobs.models import load_model, save_model, tiny_llama, train_tokenizer
 from jobs.steps import make_step
 from jobs.train_loop import row_streams, run_epochs
@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
                        for i, w in enumerate(WORDS)],
         "group": ["vulnerable"] * 5 + ["invulnerable"] * 7})
     rows.to_parquet(tmp / "rows.parquet")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The controller poll a study sets (jobs/launch.py): each run ends ~2 s sooner.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": controller_env()})
     yield tmp, tok, rows
     ray.shutdown()
 

@@ -40,7 +40,10 @@ def _exit_now(code: int):
     leaves half of its submodules behind, and importing it again then fails (CI saw that). A Ray
     whose import never finished was never started, so there is nothing to stop. One that is imported
     is shut down even if `ray.init` did not finish, which stops its node if `ray.init` had got as
-    far as recording it (an interrupt inside the node's own start-up can still leave processes)."""
+    far as recording it. An interrupt inside the node's own start-up leaves its processes to Ray's
+    fate sharing: the node's servers die with this process, and the raylet's two agents notice and
+    leave by themselves (~14 s here; stopping them sooner by PID missed the agents the raylet was
+    still starting)."""
     ray = sys.modules.get("ray")
     with contextlib.suppress(Exception):
         if ray is not None:

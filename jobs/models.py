@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from jobs.records import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TURN_TOKENS = ["<|user|>", "<|assistant|>"]
@@ -55,13 +57,16 @@ def tiny_llama(cfg: dict, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Any causal LM by local path or hub id (the hub only where a network exists)."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Any causal LM by local path or hub id (the hub only where a network exists), in float32
+    unless `dtype` says otherwise. (torch is imported here, not with the module: the driver checks
+    paths with `looks_local` and otherwise never needs it.)"""
+    import torch
     from transformers import AutoModelForCausalLM
 
     if looks_local(path) and not Path(path).exists():
         raise InputError(f"model path does not exist: {path}")
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
 
 
 def check_vocab(model_path: str | os.PathLike, tokenizer, where: str) -> None:

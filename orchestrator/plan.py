@@ -53,6 +53,37 @@ def model_config(spec: StudySpec):
 
 
 def model_shape(spec: StudySpec) -> dict:
+    """Parameter counts, sizes the memory estimates read. The tiny model's come from its config by
+    arithmetic; any other model's are counted on the meta device."""
+    return tiny_shape(spec) if spec.model.source == "tiny" else config_shape(spec)
+
+
+# The tiny Llama's linear layers, (in, out), as `jobs/models.py::tiny_llama` builds it: as many KV
+# heads as heads, no biases.
+def _tiny_linears(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+            "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+
+
+def tiny_shape(spec: StudySpec) -> dict:
+    """`config_shape` of the tiny model, by arithmetic: every `saferay run` checks the tiny model's
+    memory before it starts, and building it on the meta device first imports transformers' model
+    code, ~5 s of a driver that otherwise never needs it. `tests/test_plan.py` holds the two equal."""
+    t, lora = spec.model.tiny, spec.align_sft.lora
+    linears = _tiny_linears(t.hidden, t.intermediate)
+    per_layer = sum(i * o for i, o in linears.values()) + 2 * t.hidden  # and two RMSNorm weights
+    embedding = t.vocab_size * t.hidden  # the output head is tied to it
+    total = embedding + t.layers * per_layer + t.hidden  # the final norm
+    trainable = total
+    if lora.enabled:  # the adapters: r × (in + out) per adapted layer
+        trainable = t.layers * sum(lora.r * (i + o) for name, (i, o) in linears.items() if name in lora.target_modules)
+    return {"parameters": total, "largest_layer": max(embedding, t.hidden * t.intermediate), "trainable": trainable,
+            "hidden": t.hidden, "layers": t.layers, "heads": t.heads, "kv_heads": t.heads,
+            "head_dim": t.hidden // t.heads, "vocab": t.vocab_size}
+
+
+def config_shape(spec: StudySpec) -> dict:
     """Parameter counts from the config on the meta device: nothing is allocated or downloaded."""
     import torch
     from transformers import AutoModelForCausalLM

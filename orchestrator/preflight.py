@@ -73,10 +73,12 @@ def check_corpora(spec: StudySpec, read_rows: bool) -> None:
 
 def check_model(spec: StudySpec) -> None:
     """A pretrained source given as a local path exists and its tokenizer fits its embedding."""
+    source = spec.model.source
+    if source == "tiny":
+        return
     from jobs.models import looks_local, check_vocab, load_tokenizer
 
-    source = spec.model.source
-    if source == "tiny" or not looks_local(source):
+    if not looks_local(source):
         return  # a hub id is resolved by the base stage (where a network exists)
     if not Path(source).exists():
         raise InputError(f"model.source: model path does not exist: {source}")
@@ -167,11 +169,15 @@ def check_memory(spec: StudySpec) -> None:
                          f"{have:.0f} GiB; make the model or the batch smaller")
 
 
+def _has_cuda() -> bool:
+    import torch  # only asked of a spec that uses a GPU: importing torch costs a driver ~1 s
+
+    return torch.cuda.is_available()
+
+
 def check_resources(spec: StudySpec) -> None:
     """On a local Ray, a training run that can never get its workers would wait forever (Ray Train
     retries a worker group that cannot start without a limit): refuse it here, naming the section."""
-    import torch
-
     if spec.cluster.address:
         return  # a cluster's resources are the cluster's; `saferay plan` shows what each run asks
     cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
@@ -181,7 +187,7 @@ def check_resources(spec: StudySpec) -> None:
     if spec.vulnerability.enabled and not spec.vulnerability.groups_file:
         sections["vulnerability"] = spec.vulnerability
     for name, s in sections.items():
-        if s.use_gpu and not torch.cuda.is_available():
+        if s.use_gpu and not _has_cuda():
             raise InputError(f"{name}.use_gpu: this machine has no GPU for the local Ray")
         need = s.num_workers * s.cpus_per_worker
         if not s.use_gpu and need > cpus:
@@ -200,13 +206,11 @@ def check_decoding(spec: StudySpec) -> None:
     """The pipeline's pools must fit the local Ray (GPUs that exist, CPUs one actor can get);
     `decoding.engine: vllm` needs vLLM installed, a model it can load from local files, and (on
     CPU) a head size its attention kernels take: otherwise the engine fails minutes into a stage."""
-    import torch
-
     d = spec.decoding
     if spec.cluster.address is None:
         cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
         for field, pool in (("decoding", d.generation()), ("decoding.judge_pool", d.judge_pool)):
-            if pool.gpus_per_actor and not torch.cuda.is_available():
+            if pool.gpus_per_actor and not _has_cuda():
                 raise InputError(f"{field}.gpus_per_actor: this machine has no GPU for the local Ray "
                                  f"(set it to 0 to decode and judge on CPUs)")
             if pool.cpus_per_actor > cpus:  # no actor could ever start: the pipeline would wait forever

@@ -76,6 +76,21 @@ def test_tiny_studies_plan_too(tmp_path, spec):
     assert 1e5 < p["model"]["parameters"] < 2e6 and p["fits"] is None
 
 
+@pytest.mark.parametrize("sets", [
+    [],
+    ["model.tiny={hidden: 96, intermediate: 200, layers: 3, heads: 4, max_len: 64, vocab_size: 900}"],
+    ["align_sft.lora.enabled=true"],
+    ["align_sft.lora.enabled=true", "align_sft.lora.r=4", "align_sft.lora.target_modules=[k_proj, gate_proj, down_proj]"],
+    ["model.tiny={hidden: 32, intermediate: 400, layers: 1, heads: 2, max_len: 32, vocab_size: 300}"],  # MLP largest
+])
+def test_the_tiny_models_counts_by_arithmetic_equal_the_model_built_on_the_meta_device(sets):
+    from orchestrator.plan import config_shape, tiny_shape
+    from orchestrator.spec import load_spec
+
+    s = load_spec(ROOT / "studies" / "smoke.yaml", sets)
+    assert tiny_shape(s) == config_shape(s)
+
+
 def test_gpu_smoke_benchmark_skips_cleanly_without_a_gpu(capsys):
     import torch
 

@@ -33,6 +33,24 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
     return fast
 
 
+def pad_token_id(path: str | os.PathLike) -> int:
+    """`load_tokenizer(path).pad_token_id`, read from a saved fast tokenizer's two files with
+    `tokenizers` alone: the driver needs only this number, and importing AutoTokenizer costs it
+    ~4 s. Whatever those files do not settle goes to `load_tokenizer`."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    try:
+        config = json.loads((Path(path) / "tokenizer_config.json").read_text())
+        name = config.get("pad_token") or config.get("eos_token")  # no pad token: eos, as load_tokenizer does
+        name = name.get("content") if isinstance(name, dict) else name
+        found = Tokenizer.from_file(str(Path(path) / "tokenizer.json")).token_to_id(name) if name else None
+    except Exception:  # no such files, or not these formats: the full load says what is wrong
+        found = None
+    return found if found is not None else load_tokenizer(path).pad_token_id
+
+
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 

@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from jobs.generate import greedy_decode
@@ -66,3 +67,34 @@ def test_batched_decoding_equals_one_by_one(tmp_path):
     batched = greedy_decode(model, prompts, tok.pad_token_id, tok.eos_token_id, 8, batch_size=3)
     single = [greedy_decode(model, [p], tok.pad_token_id, tok.eos_token_id, 8, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+def test_the_pad_id_read_from_a_saved_tokenizers_files_is_the_loaded_tokenizers(tmp_path, monkeypatch):
+    """The driver reads a tokenizer's pad id from its files (`pad_token_id`), without transformers:
+    our own tokenizer (a pad token of its own), one without a pad token (eos stands in, as
+    `load_tokenizer` has it) and one whose config names the token as a dict give the loaded
+    tokenizer's id, without loading it."""
+    import json
+
+    from jobs import models
+
+    ours = train_tokenizer(TEXTS * 4, 200, tmp_path / "ours")
+    ours.pad_token = None
+    ours.save_pretrained(tmp_path / "no-pad")
+    (tmp_path / "as-dict").mkdir()
+    (tmp_path / "as-dict" / "tokenizer.json").write_bytes((tmp_path / "ours" / "tokenizer.json").read_bytes())
+    config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
+    config["pad_token"] = {"__type": "AddedToken", "content": "<|user|>", "lstrip": False, "normalized": False,
+                           "rstrip": False, "single_word": False, "special": True}  # the older files' form
+    (tmp_path / "as-dict" / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = {name: load_tokenizer(tmp_path / name).pad_token_id for name in ("ours", "no-pad", "as-dict")}
+    assert len(set(expected.values())) == 3, expected  # three different answers to get right
+
+    def not_loaded(path):
+        raise AssertionError(f"{path}: loaded with transformers")
+
+    monkeypatch.setattr(models, "load_tokenizer", not_loaded)
+    assert {name: models.pad_token_id(tmp_path / name) for name in expected} == expected
+    (tmp_path / "as-dict" / "tokenizer.json").unlink()  # files it cannot read: the full load decides
+    with pytest.raises(AssertionError, match="loaded with transformers"):
+        models.pad_token_id(tmp_path / "as-dict")

@@ -59,13 +59,13 @@ def fit_alignments(ctx: StageContext, group: str, runs: list[AlignmentRun]) -> l
     (~20 s on 2 CPU cores) once, not once each. The group's name carries the stage's key, so a
     restarted stage resumes the run it was in from its last epoch and keeps the ones before."""
     from jobs.launch import fit_group, run_config, strategy_name
-    from jobs.models import load_tokenizer
+    from jobs.models import pad_token_id
     from jobs.storage import join, write_parquet
 
     if not runs:
         return []
     spec = ctx.spec
-    pad_id = load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id
+    pad_id = pad_token_id(ctx.input_dir("data") / "tokenizer")
     base = ctx.models()["base"]
     cfgs = []
     for run in runs:

@@ -208,7 +208,7 @@ def shown(result: Result, location: str) -> dict:
 def run(ctx: StageContext) -> Result:
     from ray import tune
 
-    from jobs.models import load_tokenizer
+    from jobs.models import pad_token_id
     from jobs.storage import write_parquet
     from jobs.tune_trial import trial
 
@@ -219,7 +219,7 @@ def run(ctx: StageContext) -> Result:
     write_parquet(mix, ctx.output("mix.parquet"))  # every trial reads it, on any node
     data = ctx.input_location("data")
     fixed = {"mix": ctx.output("mix.parquet"), "base": ctx.models()["base"], "tokenizer": join(data, "tokenizer"),
-             "pad_id": load_tokenizer(ctx.input_dir("data") / "tokenizer").pad_token_id, "data": data, "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
+             "pad_id": pad_token_id(ctx.input_dir("data") / "tokenizer"), "data": data, "align": spec.align_sft.model_dump(), "vaa": spec.vaa.model_dump(mode="json"),
              "threshold": spec.vulnerability.threshold, "tasks": t.tasks, "p": t.p, "seed": spec.replicates[0],
              "max_len": spec.model.tiny.max_len,
              "attack": {"n": spec.attack.n, "train": spec.attack.model_dump(exclude={"models", "tasks", "ratios", "n"})},

@@ -40,7 +40,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(smoke_store, tmp_path):
     store = seeded_store(smoke_store, tmp_path / "store")
     # Small batches make epochs of a few seconds, so the kill lands mid-training.
     proc = start(store, "--set", "study=worker-kill", "--set", "align_sft.epochs=4", "--set", "align_sft.batch_size=2",
-                 *SFT_ONLY)
+                 *SFT_ONLY, "--until", "align_sft")  # the stage whose worker it kills is the last
     try:
         # Wait for the first committed epoch checkpoint, then kill one Ray Train worker by its PID.
         wait_for(lambda: registered_checkpoints(store, "worker-kill-align_sft-") >= 1, what="epoch checkpoint")

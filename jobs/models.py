@@ -33,7 +33,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | os.PathLike):
     return fast
 
 
-def pad_token_id(path: str | os.PathLike) -> int:
+def pad_token_id(path: str | os.PathLike) -> int | None:
     """`load_tokenizer(path).pad_token_id`, read from a saved fast tokenizer's two files with
     `tokenizers` alone: the driver needs only this number, and importing AutoTokenizer costs it
     ~4 s. Whatever those files do not settle goes to `load_tokenizer`."""

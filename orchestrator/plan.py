@@ -76,9 +76,11 @@ def tiny_shape(spec: StudySpec) -> dict:
     embedding = t.vocab_size * t.hidden  # the output head is tied to it
     total = embedding + t.layers * per_layer + t.hidden  # the final norm
     trainable = total
-    if lora.enabled:  # the adapters: r × (in + out) per adapted layer
+    if lora.enabled:  # the adapters: r × (in + out) per adapted layer, and the head's if it is one
         trainable = t.layers * sum(lora.r * (i + o) for name, (i, o) in linears.items() if name in lora.target_modules)
-    return {"parameters": total, "largest_layer": max(embedding, t.hidden * t.intermediate), "trainable": trainable,
+        trainable += lora.r * (t.hidden + t.vocab_size) if "lm_head" in lora.target_modules else 0
+    largest = max(embedding, *(i * o for i, o in linears.values()))
+    return {"parameters": total, "largest_layer": largest, "trainable": trainable,
             "hidden": t.hidden, "layers": t.layers, "heads": t.heads, "kv_heads": t.heads,
             "head_dim": t.hidden // t.heads, "vocab": t.vocab_size}
 

@@ -82,6 +82,8 @@ def test_tiny_studies_plan_too(tmp_path, spec):
     ["align_sft.lora.enabled=true"],
     ["align_sft.lora.enabled=true", "align_sft.lora.r=4", "align_sft.lora.target_modules=[k_proj, gate_proj, down_proj]"],
     ["model.tiny={hidden: 32, intermediate: 400, layers: 1, heads: 2, max_len: 32, vocab_size: 300}"],  # MLP largest
+    ["model.tiny={hidden: 128, intermediate: 64, layers: 1, heads: 2, max_len: 32, vocab_size: 64}"],  # attention largest
+    ["align_sft.lora.enabled=true", "align_sft.lora.target_modules=[q_proj, lm_head]"],  # the head adapted too
 ])
 def test_the_tiny_models_counts_by_arithmetic_equal_the_model_built_on_the_meta_device(sets):
     from orchestrator.plan import config_shape, tiny_shape

@@ -122,15 +122,25 @@ class Judge:
                             judge=self.judge.name)
 
 
-def pool(size: int, cpus: float, gpus: float) -> dict:
+def pool(size: int, cpus: float, gpus: float, work: int) -> dict:
     """`map_batches` arguments for an actor pool of up to `size` actors, all asked for at once; it
     runs with one, so a pipeline started while other work holds the CPUs (a Tune trial's) makes
-    progress instead of waiting for all its actors. (Ray Data places its actors with an explicit
-    strategy, so inside a Tune trial they are not captured by the trial's small placement group.)"""
+    progress instead of waiting for all its actors. No more actors than `work` (the calls there
+    will be): an actor that would get nothing to do still loads its engine or judge, seconds of
+    CPU that a small pipeline (one Tune trial's model) waits on. (Ray Data places its actors with
+    an explicit strategy, so inside a Tune trial they are not captured by the trial's small
+    placement group.)"""
     import ray
 
+    size = max(1, min(size, work))
     return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size), "num_cpus": cpus,
             **({"num_gpus": gpus} if gpus else {})}
+
+
+def judge_calls(blocks: list[pd.DataFrame], batch_size: int | None) -> int:
+    """At most how many batches the judge pool is handed: a whole generated block each (batch_size
+    None), or every `batch_size` rows."""
+    return len(blocks) if batch_size is None else sum(-(-len(b) // batch_size) for b in blocks)
 
 
 def decode_and_judge(blocks: list[pd.DataFrame], decoding: dict, judge: str, judge_model: str | None = None,
@@ -151,11 +161,13 @@ def decode_and_judge(blocks: list[pd.DataFrame], decoding: dict, judge: str, jud
     pools = decoding["judge_pool"]
     ds = (ray.data.from_pandas(numbered)
           .map_batches(Generate, fn_constructor_kwargs={"decoding": decoding}, batch_format="pandas",
-                       batch_size=None, **pool(decoding["actors"], decoding["cpus_per_actor"], decoding["gpus_per_actor"]))
+                       batch_size=None, **pool(decoding["actors"], decoding["cpus_per_actor"], decoding["gpus_per_actor"],
+                                               work=len(blocks)))
           .map_batches(Judge, fn_constructor_kwargs={"judge": judge, "judge_model": judge_model,
                                                      "threads": max(1, int(pools["cpus_per_actor"]))},
                        batch_format="pandas", batch_size=pools["batch_size"],
-                       **pool(pools["actors"], pools["cpus_per_actor"], pools["gpus_per_actor"])))
+                       **pool(pools["actors"], pools["cpus_per_actor"], pools["gpus_per_actor"],
+                              work=judge_calls(blocks, pools["batch_size"]))))
     began, parts, done = time.perf_counter(), [], 0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         parts.append(batch)

@@ -107,18 +107,22 @@ def select(rows: list[dict], baseline_fa: float, delta: float) -> dict | None:
     return min(eligible, key=lambda r: (r["hs"], -r["fa"])) if eligible else None
 
 
-def _evaluate_cells(ctx: StageContext, cells: dict[str, str], split: str) -> dict | None:
-    """HS and FA averaged over tasks for attack cells {task: model dir}, on one side of the splits."""
+def _evaluate_cells(ctx: StageContext, models: dict[str, dict[str, str]], split: str) -> dict[str, dict | None]:
+    """HS and FA averaged over tasks for each model's attack cells {model: {task: model dir}}, on
+    one side of the splits, in one pipeline run (each run starts its actor pools); None for a model
+    without a cell on every tuning task."""
     from jobs.evaluate import Evaluation, evaluate_all
     from jobs.metrics import judge_warnings
 
-    if len(cells) != len(ctx.spec.tune.tasks):
-        return None
-    results = evaluate_all({task: Evaluation(path, [task]) for task, path in cells.items()},
-                           ctx.input_location("data"), ctx.spec.decode_cfg(), split, ctx.progress)
+    tasks = ctx.spec.tune.tasks
+    complete = {m: cells for m, cells in models.items() if len(cells) == len(tasks)}
+    evaluations = {f"{m}/{task}": Evaluation(path, [task]) for m, cells in complete.items() for task, path in cells.items()}
+    results = evaluate_all(evaluations, ctx.input_location("data"), ctx.spec.decode_cfg(), split,
+                           ctx.progress) if evaluations else {}
     judge_warnings(ctx.spec.evaluate.judge, results)  # no HS at all: one clear stop
-    return {"hs": sum(r["hs"] for r in results.values()) / len(results),
-            "fa": sum(r["fa"][task] for task, r in results.items()) / len(results), "split": split}
+    return {m: {"hs": sum(results[f"{m}/{task}"]["hs"] for task in tasks) / len(tasks),
+                "fa": sum(results[f"{m}/{task}"]["fa"][task] for task in tasks) / len(tasks), "split": split}
+            if m in complete else None for m in models}
 
 
 def _baselines(ctx: StageContext) -> dict[str, dict | None]:
@@ -136,8 +140,8 @@ def _baselines(ctx: StageContext) -> dict[str, dict | None]:
     group = {0: (attack_cells, (jobs, run_name(ctx, "tune-baselines"), str(ctx.ray_storage)), {})}
     for _ in run_bounded(ctx, group, 1, f"baseline cells fine-tuned ({', '.join(attacked)})"):
         pass
-    return {m: _evaluate_cells(ctx, {task: join(out[(m, task)], "model") for task in t.tasks}, "validation")
-            if m in attacked else None for m in ("sft", t.model)}
+    return _evaluate_cells(ctx, {m: {task: join(out[(m, task)], "model") for task in t.tasks if m in attacked}
+                                 for m in ("sft", t.model)}, "validation")
 
 
 def _apply(ctx: StageContext, config: dict, mix: pd.DataFrame) -> dict[str, TrainedModel]:
@@ -262,8 +266,8 @@ def run(ctx: StageContext) -> Result:
     selected = select(rows, sft["fa"] if sft else max(r["fa"] for r in rows), t.delta)
     if selected:  # chosen on validation; its attack cells are evaluated on test once, and both are reported
         ctx.progress("the selected configuration on the test prompts")
-        selected = {**selected, "test": _evaluate_cells(
-            ctx, {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}, "test")}
+        cells = {task: f"{selected['trial_dir']}/attack-{task}/model" for task in t.tasks}
+        selected = {**selected, "test": _evaluate_cells(ctx, {"selected": cells}, "test")["selected"]}
     elif t.apply:
         raise RuntimeError(f"tune.apply: no trial's FA is within tune.delta = {t.delta:g} of SFT's "
                            f"({sft['fa']:.3f} on validation), so there is no configuration to apply "

@@ -42,14 +42,23 @@ SCALING_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "strategy", "zero
 WORKER_ENV = {"env_vars": {"OMP_NUM_THREADS": "1"}}
 
 
+# What a study's Ray job sets for the Ray Train controllers its fine-tunes start (each reads its own
+# environment); a value in the driver's environment wins.
+CONTROLLER_ENV = {
+    # The controller looks at its workers every 2 s by default, and each step of a run's start and
+    # end waits for a look: at 0.5 s an attack-cell-sized run took 11.6 s instead of 13.5, which
+    # short runs (attack cells, trials, tests) save every time (`python -m bench startup`).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Each worker group otherwise starts an actor (a process of its own, its imports) that watches
+    # for node preemption, for `ray.train.get_preemption_info()`, which the loop never asks; a
+    # preempted node still fails its workers, and the run restarts from its last checkpoint.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def controller_env() -> dict[str, str]:
-    """What a study's Ray job sets for the Ray Train controllers its fine-tunes start (each reads
-    its own environment). The controller looks at its workers every 2 s by default, and each step
-    of a run's start and end waits for a look: at 0.5 s an attack-cell-sized run took 11.6 s
-    instead of 13.5 (`python -m bench startup`), which short runs (attack cells, trials, tests)
-    save every time. A value in the driver's environment wins."""
-    name = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    return {name: os.environ.get(name, "0.5")}
+    """CONTROLLER_ENV, each value overridden by the driver's environment."""
+    return {name: os.environ.get(name, value) for name, value in CONTROLLER_ENV.items()}
 
 
 def fit_group(cfgs: list[dict], name: str, storage: str, max_failures: int = 2) -> list[dict]:

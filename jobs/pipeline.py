@@ -124,12 +124,12 @@ class Judge:
 
 def pool(size: int, cpus: float, gpus: float, work: int) -> dict:
     """`map_batches` arguments for an actor pool of up to `size` actors, all asked for at once; it
-    runs with one, so a pipeline started while other work holds the CPUs (a Tune trial's) makes
-    progress instead of waiting for all its actors. No more actors than `work` (the calls there
-    will be): an actor that would get nothing to do still loads its engine or judge, seconds of
-    CPU that a small pipeline (one Tune trial's model) waits on. (Ray Data places its actors with
-    an explicit strategy, so inside a Tune trial they are not captured by the trial's small
-    placement group.)"""
+    runs as soon as one has started, so a pipeline started while other work holds the CPUs (a Tune
+    trial's) makes progress instead of waiting for all its actors. No more actors than `work` (the
+    calls there will be): an actor that would get nothing to do still loads its engine or judge,
+    seconds of CPU that a small pipeline (a Tune trial's, one model per tuning task) waits on. (Ray
+    Data places its actors with an explicit strategy, so inside a Tune trial they are not captured
+    by the trial's small placement group.)"""
     import ray
 
     size = max(1, min(size, work))
@@ -143,13 +143,38 @@ def judge_calls(blocks: list[pd.DataFrame], batch_size: int | None) -> int:
     return len(blocks) if batch_size is None else sum(-(-len(b) // batch_size) for b in blocks)
 
 
+def map_pool(ds, fn, batch_size: int | None, **kwargs):
+    """`ds.map_batches(fn, batch_size=batch_size, **kwargs)`, whole blocks (None) on GPUs included.
+
+    Ray's public `map_batches` refuses a whole block as the batch when GPUs are asked for (it wants
+    a batch size chosen for GPU memory). A generation block is one model's requests, which its
+    actor decodes in `decoding.batch_size` batches of its own, so a block must reach one call
+    whole, on GPUs as on CPUs; Ray's own `map_groups` calls the method behind that check for the
+    same reason (ray >= 2.60 names it `map_batches_internal`)."""
+    return ds.map_batches_internal(fn, batch_size=batch_size, batch_format="pandas", **kwargs)
+
+
+def pipeline(blocks: list[pd.DataFrame], decoding: dict, judge: str, judge_model: str | None):
+    """The Ray Data plan (lazy: nothing runs until it is read) that decodes and judges `blocks`,
+    non-empty, each with its `request` numbers."""
+    import ray
+
+    pools = decoding["judge_pool"]
+    generated = map_pool(ray.data.from_pandas(blocks), Generate, None, fn_constructor_kwargs={"decoding": decoding},
+                         **pool(decoding["actors"], decoding["cpus_per_actor"], decoding["gpus_per_actor"],
+                                work=len(blocks)))
+    return map_pool(generated, Judge, pools["batch_size"],
+                    fn_constructor_kwargs={"judge": judge, "judge_model": judge_model,
+                                           "threads": max(1, int(pools["cpus_per_actor"]))},
+                    **pool(pools["actors"], pools["cpus_per_actor"], pools["gpus_per_actor"],
+                           work=judge_calls(blocks, pools["batch_size"])))
+
+
 def decode_and_judge(blocks: list[pd.DataFrame], decoding: dict, judge: str, judge_model: str | None = None,
                      progress=None) -> pd.DataFrame:
     """Every request of `blocks` decoded and judged, in the order given. A block goes to one
     generation actor whole: give each checkpoint (or target) its own block, so an actor loads it
     once. `decoding` is the spec's `decoding` section; `progress(msg)` hears of each finished block."""
-    import ray
-
     blocks = [b for b in blocks if len(b)]
     if not blocks:
         return pd.DataFrame()
@@ -158,16 +183,7 @@ def decode_and_judge(blocks: list[pd.DataFrame], decoding: dict, judge: str, jud
     for b in blocks:
         numbered.append(b.reset_index(drop=True).assign(request=range(offset, offset + len(b))))
         offset += len(b)
-    pools = decoding["judge_pool"]
-    ds = (ray.data.from_pandas(numbered)
-          .map_batches(Generate, fn_constructor_kwargs={"decoding": decoding}, batch_format="pandas",
-                       batch_size=None, **pool(decoding["actors"], decoding["cpus_per_actor"], decoding["gpus_per_actor"],
-                                               work=len(blocks)))
-          .map_batches(Judge, fn_constructor_kwargs={"judge": judge, "judge_model": judge_model,
-                                                     "threads": max(1, int(pools["cpus_per_actor"]))},
-                       batch_format="pandas", batch_size=pools["batch_size"],
-                       **pool(pools["actors"], pools["cpus_per_actor"], pools["gpus_per_actor"],
-                              work=judge_calls(blocks, pools["batch_size"]))))
+    ds = pipeline(numbered, decoding, judge, judge_model)
     began, parts, done = time.perf_counter(), [], 0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         parts.append(batch)

@@ -107,14 +107,3 @@ def test_the_judge_actor_reads_each_kind_and_a_free_text_task_is_not_scored():
     assert (r["hs"], r["over_refusal"], r["fa"]) == (0.5, 1.0, {"sentiment": 0.5, "instruct": None})
     assert r["outcomes"]["fa"]["instruct"] == [None]
 
-
-def test_no_pool_starts_more_actors_than_it_has_work_for():
-    """An actor handed nothing still loads its engine or judge: a one-model pipeline (a Tune
-    trial's) starts one generation actor, whatever `decoding.actors` says."""
-    from jobs.pipeline import judge_calls, pool
-
-    blocks = [pd.DataFrame({"x": range(n)}) for n in (5, 130)]
-    assert judge_calls(blocks, None) == 2 and judge_calls(blocks, 64) == 1 + 3
-    sizes = [(p["compute"].min_size, p["compute"].max_size)
-             for p in (pool(2, 0.5, 0, work=1), pool(2, 0.5, 0, work=5), pool(3, 0.5, 0, work=0))]
-    assert sizes == [(1, 1), (1, 2), (1, 1)]

@@ -5,8 +5,9 @@ alone (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`); everything a study sets (`controlle
 without the preemption watcher's actor). They alternate, so drift on this machine falls on all
 alike.
 
-Per run (with `--at-once N`, N runs started together: the last one's): wall time of `fit`, the seconds inside the training loop, and the rest (controller and
-worker start-up, imports, model load, export, the wait until the controller sees the end).
+Per run (with `--at-once N`, N runs started together: the one that ended last): wall time of
+`fit`, the seconds inside the training loop, and the rest (controller and worker start-up,
+imports, model load, export, the wait until the controller sees the end).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--at-once", type=int, default=1,
                     help="runs started together, from tasks of their own, as a stage starts its groups")
     args = ap.parse_args(argv)
+    if args.at_once < 1:
+        ap.error("--at-once: at least 1 run")
     import ray
 
     from jobs.launch import CONTROLLER_ENV, fit
@@ -61,7 +64,7 @@ def main(argv=None):
         for _ in range(args.repeats):
             for s, task in tasks.items():
                 together = ray.get([task.remote() for _ in range(args.at_once)])
-                runs[s].append({"wall": max(r["wall"] for r in together), "loop": max(r["loop"] for r in together)})
+                runs[s].append(max(together, key=lambda r: r["wall"]))
     finally:
         ray.shutdown()
     walls = {s: statistics.mean(r["wall"] for r in rs) for s, rs in runs.items()}

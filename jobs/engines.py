@@ -43,10 +43,10 @@ class HFEngine:
         self.batch_size, self.model, self.biases = batch_size, None, {}
 
     def load(self, model_dir: str) -> None:
-        from jobs.models import load_model
+        from jobs.models import load_model, ray_device
 
-        # The device Ray gave this process: a GPU where the task asked for one, else the CPU.
-        self.model = load_model(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = None  # the last checkpoint's memory is given back before the next one takes its own
+        self.model = load_model(model_dir).to(ray_device())
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
                  scored_tokens: list[int] | None = None, tsdi: dict | None = None):

@@ -101,11 +101,11 @@ class GuardJudge:
     STYLES = {"llama-guard": (LLAMA_GUARD_TEMPLATE, LLAMA_GUARD_CODES), "md-judge": (MD_JUDGE_TEMPLATE, MD_JUDGE_CODES)}
 
     def __init__(self, style: str, model_path: str, batch_size: int = 16, max_new_tokens: int = 12):
-        from jobs.models import load_model, load_tokenizer
+        from jobs.models import load_model, load_tokenizer, ray_device
 
         self.name = style
         self.template, self.codes = self.STYLES[style]
-        self.model, self.tokenizer = load_model(model_path), load_tokenizer(model_path)
+        self.model, self.tokenizer = load_model(model_path).to(ray_device()), load_tokenizer(model_path)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def __call__(self, prompts, responses):
@@ -144,7 +144,9 @@ class BeaverDamJudge:
     def __init__(self, model_path: str, batch_size: int = 16, threshold: float = 0.4, max_length: int = 512):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
+        from jobs.models import ray_device
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path).eval().to(ray_device())
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.categories = classifier_categories(self.model.config.id2label)
         pad = self.tokenizer.pad_token_id
@@ -167,8 +169,8 @@ class BeaverDamJudge:
             # (A tokenizer without a pad token refuses to pad even one row.)
             batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
                                    padding=self.batch_size > 1,
-                                   truncation=True, max_length=self.max_length)
-            out.append(torch.sigmoid(self.model(**batch).logits.float()))
+                                   truncation=True, max_length=self.max_length).to(self.model.device)
+            out.append(torch.sigmoid(self.model(**batch).logits.float()).cpu())
         return torch.cat(out)
 
     def __call__(self, prompts, responses):

@@ -87,6 +87,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
 
 
+def ray_device() -> str:
+    """The device Ray gave this process: a GPU where its task or actor asked for one (Ray sets
+    CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_vocab(model_path: str | os.PathLike, tokenizer, where: str) -> None:
     """A tokenizer whose ids run past the model's embedding table is the wrong tokenizer.
 

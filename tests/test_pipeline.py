@@ -106,4 +106,3 @@ def test_the_judge_actor_reads_each_kind_and_a_free_text_task_is_not_scored():
     r = rates(judged, ["sentiment", "instruct"])
     assert (r["hs"], r["over_refusal"], r["fa"]) == (0.5, 1.0, {"sentiment": 0.5, "instruct": None})
     assert r["outcomes"]["fa"]["instruct"] == [None]
-

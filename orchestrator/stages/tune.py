@@ -140,8 +140,9 @@ def _baselines(ctx: StageContext) -> dict[str, dict | None]:
     group = {0: (attack_cells, (jobs, run_name(ctx, "tune-baselines"), str(ctx.ray_storage)), {})}
     for _ in run_bounded(ctx, group, 1, f"baseline cells fine-tuned ({', '.join(attacked)})"):
         pass
-    return _evaluate_cells(ctx, {m: {task: join(out[(m, task)], "model") for task in t.tasks if m in attacked}
-                                 for m in ("sft", t.model)}, "validation")
+    cells = {m: {task: join(out[(m, task)], "model") for task in t.tasks} if m in attacked else {}
+             for m in ("sft", t.model)}
+    return _evaluate_cells(ctx, cells, "validation")
 
 
 def _apply(ctx: StageContext, config: dict, mix: pd.DataFrame) -> dict[str, TrainedModel]:

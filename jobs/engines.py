@@ -12,8 +12,10 @@ worker) and each new checkpoint's weights are loaded into it in place, as RL fra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +188,8 @@ class VLLMEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            with _dead_engine_raises(self.llm):
+                return self.llm.generate(prompts, params, use_tqdm=False)
         except EngineDeadError:
             import logging
 
@@ -204,6 +207,35 @@ class VLLMEngine:
                 pass
             finally:
                 self.llm = None
+
+
+@contextlib.contextmanager
+def _dead_engine_raises(llm):
+    """While a batch is in flight, an engine found dead raises EngineDeadError in the caller.
+
+    vLLM's sync client (0.32) waits on its output queue for the batch's outputs. When the engine's
+    process dies, its monitor thread marks the engine dead and stops the thread that fills the
+    queue, but puts nothing in it, so the caller waits forever (seen with the engine killed right
+    before `generate`: the request went out before the monitor noticed). This watcher puts the
+    error the caller should have got into that queue.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client, done = llm.llm_engine.engine_core, threading.Event()
+
+    def watch():
+        while not done.wait(0.2):
+            if client.resources.engine_dead:
+                client.outputs_queue.put_nowait(EngineDeadError())
+                return
+
+    watcher = threading.Thread(target=watch, name="saferay-vllm-engine-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 _VLLM: VLLMEngine | None = None  # this process's one vLLM engine

@@ -142,6 +142,18 @@ def decoding_bytes(shape: dict, spec: StudySpec) -> int:
     return weights + per_position * batch * spec.model.tiny.max_len
 
 
+def vllm_context_bytes(spec: StudySpec) -> tuple[int, int]:
+    """vLLM refuses to start unless its KV cache holds one request at the model's full context:
+    that context's positions, and their bytes in fp32 (a lower bound: vLLM also rounds up to whole
+    blocks and holds one block back)."""
+    config = model_config(spec)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    positions = config.max_position_embeddings
+    return positions, 2 * config.num_hidden_layers * kv_heads * head_dim * 4 * positions
+
+
 def stage_resources(spec: StudySpec) -> dict[str, str]:
     from orchestrator.stages import STAGES
 

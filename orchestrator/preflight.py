@@ -227,6 +227,7 @@ def check_decoding(spec: StudySpec) -> None:
                          f"download it to a directory first, or set decoding.engine: hf")
     if why := vllm_missing():
         raise InputError(f"decoding.engine: {why}; or set decoding.engine: hf")
+    check_kv_cache(spec)
 
     if not d.gpus_per_actor:  # generation actors hold no GPU: vLLM runs its CPU kernels
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -243,6 +244,20 @@ def check_decoding(spec: StudySpec) -> None:
         if head not in sizes:
             raise InputError(f"decoding.engine: vllm on CPU takes head sizes {sizes}; {where} = {head}: "
                              f"change the model or set decoding.engine: hf")
+
+
+def check_kv_cache(spec: StudySpec) -> None:
+    """vLLM starts only with room in `decoding.kv_cache_gb` for one request at the model's full
+    context (Llama-2-7B's 4096 positions in fp32: 4 GiB, against a default of 0.25); otherwise the
+    first evaluation fails as the engine starts, hours into a study."""
+    from orchestrator.plan import GIB, vllm_context_bytes
+
+    positions, need = vllm_context_bytes(spec)
+    have = spec.decoding.kv_cache_gb * GIB
+    if need > have:
+        raise InputError(f"decoding.kv_cache_gb: {spec.decoding.kv_cache_gb:g} GiB cannot hold one request at the "
+                         f"model's full context ({positions} positions need at least {need / GIB:.2f} GiB of fp32 "
+                         f"KV cache, which vLLM asks for before it starts): raise decoding.kv_cache_gb")
 
 
 def check_gpus_exist(spec: StudySpec, gpus: float) -> None:

@@ -2,10 +2,12 @@
 and leaves a study store that already existed exactly as it was: no file added, changed or removed."""
 
 import json
+import os
+import shutil
 
 import pytest
 
-from conftest import saferay
+from conftest import ROOT, saferay
 
 pytestmark = pytest.mark.slow
 
@@ -144,6 +146,23 @@ def test_vllm_not_installed_or_a_hub_model_is_one_clear_line(monkeypatch):
     check_decoding(StudySpec())  # hf needs nothing
     with pytest.raises(InputError, match="decoding.engine: vllm loads local checkpoints; model.source 'org/model' is a hub id"):
         check_decoding(StudySpec(decoding={"engine": "vllm"}, model={"source": "org/model"}))
+
+
+def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
+    """vLLM starts only when its KV cache holds one request at the model's full context: Llama-2-7B
+    (4096 positions; 32 layers × 32 KV heads × 128 × K and V × 4 bytes = 1 MiB a position) needs
+    4 GiB, 16 times the default `decoding.kv_cache_gb`."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("vllm", reason="the vllm extra is not installed (make test installs it)")
+    from jobs.records import InputError
+    from orchestrator.preflight import check_decoding
+    from orchestrator.spec import StudySpec
+
+    shutil.copy(ROOT / "studies/configs/llama-2-7b.json", tmp_path / "config.json")
+    with pytest.raises(InputError, match=r"decoding.kv_cache_gb: 0.25 GiB cannot hold one request at the model's full "
+                                         r"context \(4096 positions need at least 4.00 GiB"):
+        check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm"}))
+    check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": 4.5}))
 
 
 def test_gpus_asked_of_a_cluster_without_any_are_named():

@@ -175,24 +175,34 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def training_sections(spec: StudySpec) -> dict:
+    """The sections whose runs go to Ray Train in this study: base only trains the tiny model, and
+    vulnerability only without a groups file."""
+    sections = {"align_sft": spec.align_sft, "attack": spec.attack}
+    if spec.model.source == "tiny":
+        sections["base"] = spec.base
+    if spec.vulnerability.enabled and not spec.vulnerability.groups_file:
+        sections["vulnerability"] = spec.vulnerability
+    return sections
+
+
 def check_resources(spec: StudySpec) -> None:
     """On a local Ray, a training run that can never get its workers would wait forever (Ray Train
     retries a worker group that cannot start without a limit): refuse it here, naming the section."""
     if spec.cluster.address:
         return  # a cluster's resources are the cluster's; `saferay plan` shows what each run asks
     cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
-    sections = {"align_sft": spec.align_sft, "attack": spec.attack}
-    if spec.model.source == "tiny":
-        sections["base"] = spec.base
-    if spec.vulnerability.enabled and not spec.vulnerability.groups_file:
-        sections["vulnerability"] = spec.vulnerability
-    for name, s in sections.items():
+    for name, s in training_sections(spec).items():
         if s.use_gpu and not _has_cuda():
             raise InputError(f"{name}.use_gpu: this machine has no GPU for the local Ray")
         need = s.num_workers * s.cpus_per_worker
         if not s.use_gpu and need > cpus:
             raise InputError(f"{name}: {s.num_workers} workers × {s.cpus_per_worker:g} CPU need {need:g} CPUs; the "
                              f"local Ray has {cpus} (lower {name}.num_workers or {name}.cpus_per_worker)")
+    if gpu_asks(spec) and _has_cuda():
+        import torch
+
+        check_gpus_exist(spec, torch.cuda.device_count())
     t = spec.tune
     if t.enabled and not spec.align_sft.use_gpu:
         need = t.max_concurrent_trials * t.cpus_per_trial + spec.align_sft.num_workers * spec.align_sft.cpus_per_worker
@@ -260,19 +270,27 @@ def check_kv_cache(spec: StudySpec) -> None:
                          f"KV cache, which vLLM asks for before it starts): raise decoding.kv_cache_gb")
 
 
+def gpu_asks(spec: StudySpec) -> list[tuple[str, float]]:
+    """What one run or one actor asks of the GPUs: each GPU training section's worker group (one
+    GPU a worker) and each pool's actor, by the field that sets it."""
+    asks = [(f"{name}.num_workers", float(s.num_workers)) for name, s in training_sections(spec).items() if s.use_gpu]
+    asks += [(f"{field}.gpus_per_actor", pool.gpus_per_actor)
+             for field, pool in (("decoding", spec.decoding.generation()), ("decoding.judge_pool", spec.decoding.judge_pool))
+             if pool.gpus_per_actor]
+    return asks
+
+
 def check_gpus_exist(spec: StudySpec, gpus: float) -> None:
-    """On a cluster (checked once Ray has joined it): whatever asks for GPUs must find some, or Ray
-    would wait for them forever."""
-    if gpus:
-        return
-    asking = [f"{name}.use_gpu" for name in ("base", "align_sft", "vulnerability", "attack")
-              if getattr(spec, name).use_gpu]
-    asking += [f"{field}.gpus_per_actor" for field, pool in (("decoding", spec.decoding.generation()),
-                                                             ("decoding.judge_pool", spec.decoding.judge_pool))
-               if pool.gpus_per_actor]
-    if asking:
-        raise InputError(f"{', '.join(asking)}: the cluster at {spec.cluster.address} has no GPU "
-                         f"(set them to false / 0, or add GPU nodes)")
+    """A run or an actor asking for more GPUs than the cluster (checked once Ray has joined it) or
+    this machine has would wait for them forever: Ray queues what does not fit yet."""
+    asks, where = gpu_asks(spec), f"the cluster at {spec.cluster.address}" if spec.cluster.address else "the local Ray"
+    if asks and not gpus:
+        fields = ", ".join(f.replace(".num_workers", ".use_gpu") for f, _ in asks)
+        raise InputError(f"{fields}: {where} has no GPU (set them to false / 0, or add GPU nodes)")
+    over = [f"{field} asks for {n:g}" for field, n in asks if n > gpus]
+    if over:
+        raise InputError(f"{'; '.join(over)} GPUs at once: {where} has {gpus:g} "
+                         f"(fewer workers or actors, or add GPU nodes)")
 
 
 def preflight(spec: StudySpec, data_cached: bool) -> None:

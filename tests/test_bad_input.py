@@ -167,7 +167,8 @@ def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
 
 def test_gpus_asked_of_a_cluster_without_any_are_named():
     """On a cluster, what asks for GPUs is checked against `ray.cluster_resources()` once Ray has
-    joined it (the runner calls this); each field that asks is named, nothing is when none asks."""
+    joined it (the runner calls this); each field that asks is named, nothing is when none asks,
+    and each run or actor that asks for more GPUs than the cluster has is named with its ask."""
     from jobs.records import InputError
     from orchestrator.preflight import check_gpus_exist
     from orchestrator.spec import StudySpec
@@ -179,3 +180,10 @@ def test_gpus_asked_of_a_cluster_without_any_are_named():
         check_gpus_exist(spec, 0)
     check_gpus_exist(spec, 8)
     check_gpus_exist(StudySpec(cluster={"address": "auto"}), 0)
+    # One run or actor asking for more GPUs than there are would wait forever as well.
+    spec = StudySpec(cluster={"address": "auto"}, align_sft={"use_gpu": True, "num_workers": 8, "batch_size": 8},
+                     decoding={"gpus_per_actor": 2})
+    with pytest.raises(InputError, match=r"^align_sft.num_workers asks for 8; decoding.gpus_per_actor asks for 2 GPUs "
+                                         r"at once: the cluster at auto has 1 "):
+        check_gpus_exist(spec, 1)
+    check_gpus_exist(spec, 8)

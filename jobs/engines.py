@@ -197,7 +197,8 @@ class VLLMEngine:
             self.restarts += 1
             self.close()  # what is left of the dead one: its client's threads and sockets
             self.load(self.model_dir)
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            with _dead_engine_raises(self.llm):  # a second death raises rather than waits
+                return self.llm.generate(prompts, params, use_tqdm=False)
 
     def close(self) -> None:
         if self.llm is not None:

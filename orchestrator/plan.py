@@ -169,6 +169,18 @@ def training_memory(spec: StudySpec, shape: dict | None = None) -> tuple[int, in
     return states, activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
 
 
+def attack_memory(spec: StudySpec, shape: dict) -> dict[str, int]:
+    """Per-worker bytes of the largest attack cell, under the attack section's own scaling. A cell
+    fine-tuned with Lisa (`sft+lisa`) also holds its anchor: a whole copy of the weights, which
+    every worker keeps (`jobs/defences.py::LisaStep`)."""
+    t = spec.attack
+    states = model_states_bytes(shape, t.strategy, t.zero_stage, t.offload, t.num_workers, t.bf16)
+    acts = activation_bytes(shape, t.batch_size // t.num_workers, spec.model.tiny.max_len, t.bf16)
+    lisa = any(m.endswith("+lisa") for m in t.models)
+    anchor = shape["parameters"] * (2 if t.bf16 else 4) if lisa else 0
+    return {"model_states": states, "activations": acts, "lisa_anchor": anchor, "total": states + acts + anchor}
+
+
 def make_plan(spec: StudySpec, store) -> dict:
     from orchestrator.compute import compute
     from orchestrator.runner import plan
@@ -197,6 +209,8 @@ def make_plan(spec: StudySpec, store) -> dict:
                                   "total": (states + acts) / GIB},
         "gpu_memory_gb": spec.cluster.gpu_memory_gb,
     }
+    attack = attack_memory(spec, shape)
+    out["attack_memory_per_worker_gib"] = {k: v / GIB for k, v in attack.items()}
     d = spec.decoding
     decoding = decoding_bytes(shape, spec)
     # Actors that share a GPU (gpus_per_actor < 1) share its memory; one actor uses one GPU.
@@ -209,8 +223,10 @@ def make_plan(spec: StudySpec, store) -> dict:
     over = []
     if limit is not None and a.use_gpu and (states + acts) / 1e9 > limit:
         over.append(f"training needs {(states + acts) / GIB:.1f} GiB per GPU worker")
+    if limit is not None and spec.attack.use_gpu and attack["total"] / 1e9 > limit:
+        over.append(f"an attack cell needs {attack['total'] / GIB:.1f} GiB per GPU worker")
     if limit is not None and per_gpu is not None and per_gpu / 1e9 > limit:
         over.append(f"decoding needs {per_gpu / GIB:.1f} GiB per GPU")
-    out["fits"] = None if limit is None or not (a.use_gpu or per_gpu) else not over
+    out["fits"] = None if limit is None or not (a.use_gpu or spec.attack.use_gpu or per_gpu) else not over
     out["over"] = over
     return out

@@ -37,7 +37,24 @@ def test_llama2_7b_zero3_estimate_matches_deepspeed_within_20_percent(tmp_path):
     assert next(s for s in p["stages"] if s["name"] == "align_defences")["resources"] == \
         "3 run(s) of 8 × 1 GPU (deepspeed-zero3, Ray Train)"  # Vaccine, Booster and RepNoise
     assert next(s for s in p["stages"] if s["name"] == "attack")["resources"] == \
-        "72 cells in 4 run(s) of 2 × 1 GPU (deepspeed-zero2, Ray Train), 4 at a time"  # ZeRO-2: Lisa's whole weights
+        "72 cells in 2 run(s) of 4 × 1 GPU (deepspeed-zero2, Ray Train), 2 at a time"  # ZeRO-2: Lisa's whole weights
+
+
+def test_attack_cells_are_planned_with_lisas_anchor(tmp_path):
+    """An attack cell's worker holds the attack scaling's model states, its activations and, for
+    `sft+lisa`, Lisa's anchor (a bf16 copy of every weight). On 2 GPUs a Llama-2-7B Lisa cell needs
+    more than an 80 GB GPU: the plan says so and refuses."""
+    p = plan(tmp_path, "vaa-llama2-7b.yaml")
+    params, mem = p["model"]["parameters"], p["attack_memory_per_worker_gib"]
+    assert mem["lisa_anchor"] * 2**30 == 2 * params
+    assert mem["model_states"] * 2**30 == 2 * params + 14 * params // 4  # ZeRO-2 on 4: weights + a quarter of the rest
+    assert mem["total"] == pytest.approx(mem["model_states"] + mem["activations"] + mem["lisa_anchor"])
+    two = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.num_workers=2", "attack.max_concurrent=4")
+    assert two["fits"] is False and two["over"] == [
+        f"an attack cell needs {two['attack_memory_per_worker_gib']['total']:.1f} GiB per GPU worker"]
+    assert two["attack_memory_per_worker_gib"]["total"] * 2**30 > 80e9
+    without_lisa = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.models=[sft, vaa]")
+    assert without_lisa["attack_memory_per_worker_gib"]["lisa_anchor"] == 0
 
 
 def test_presets_order_the_estimate(tmp_path):

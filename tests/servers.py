@@ -116,6 +116,9 @@ class RayNode:
                 raise RuntimeError(f"ray start --address exited with {self.proc.returncode}")
             time.sleep(1)
             self.started = psutil.Process(self.proc.pid).children(recursive=True)
+        if not any("raylet" in " ".join(p.cmdline()) for p in self.started):
+            self.stop()  # a node that never joined would leave its runs waiting for its CPUs
+            raise RuntimeError(f"ray start --address started no raylet in 90 s (log: {self.log.name})")
 
     def stop(self) -> None:
         procs = [psutil.Process(self.proc.pid), *self.started]

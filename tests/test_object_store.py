@@ -198,12 +198,12 @@ def test_a_study_on_two_ray_nodes_with_its_store_in_the_bucket(s3, smoke_store, 
 
         def job_status() -> str:
             out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", job, "--address", head.address,
-                                  "--json"], cwd=ROOT, capture_output=True, text=True, env=ray_env).stdout
+                                  "--json"], cwd=ROOT, capture_output=True, text=True, env=ray_env, timeout=120).stdout
             return json.loads(out)["status"] if out.strip() else ""
 
         wait_for(lambda: job_status() in ("SUCCEEDED", "FAILED", "STOPPED"), timeout=900, what="the job's end")
         logs = subprocess.run([sys.executable, "-m", "orchestrator.cli", "logs", job, "--address", head.address],
-                              cwd=ROOT, capture_output=True, text=True, env=ray_env).stdout
+                              cwd=ROOT, capture_output=True, text=True, env=ray_env, timeout=120).stdout
         assert job_status() == "SUCCEEDED", logs[-3000:]
         # Where the job's tasks and actors ran, from Ray's state API (in a process of its own: the
         # token mode is read when Ray is first imported).

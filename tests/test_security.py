@@ -2,10 +2,13 @@
 database, with tokens in the environment; no token reaches params, tags, artifacts or logs,
 and neither study disturbs the other."""
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -27,7 +30,17 @@ def two_studies(smoke_store, tmp_path_factory):
                                      f"study={name}", *TINY, "--store", str(store)],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name in ("first", "second")}
-    outputs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+    try:  # both run at once: one deadline for the two
+        end = time.monotonic() + 900
+        outputs = {name: p.communicate(timeout=max(1, end - time.monotonic()))[0] for name, p in procs.items()}
+    finally:  # a study still running (a timeout, an interrupt) must not go on beside the next tests
+        for p in procs.values():
+            if p.poll() is None:
+                tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]  # its local Ray
+                for proc in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+                psutil.wait_procs(tree, timeout=30)
     for name, p in procs.items():
         assert p.returncode == 0, outputs[name][-3000:]
     return store, outputs

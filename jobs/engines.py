@@ -120,8 +120,11 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, kv_cache_gb: float = 0.25):
+    def __init__(self, kv_cache_gb: float = 0.25, gpu_share: float = 1.0):
         self.kv_cache_gb, self.llm, self.fingerprint, self.max_len = kv_cache_gb, None, None, None
+        # The part of a GPU this engine's actor holds (`decoding.gpus_per_actor`): vLLM refuses to
+        # start unless that part of the GPU is free (below).
+        self.gpu_share = min(1.0, gpu_share) or 1.0
         self.model_dir: str | None = None
         self.restarts = 0  # engines started again after their processes died
 
@@ -149,10 +152,14 @@ class VLLMEngine:
         # cache sized in bytes (on CPU vLLM otherwise reserves a fraction of all RAM); prefix
         # caching off because weights change under it; vLLM's neutral sampling defaults rather
         # than the checkpoint's generation_config (which may add stop tokens hf would not use);
-        # TSDI's processor installed for the requests that ask for it (jobs/tsdi_vllm.py).
+        # TSDI's processor installed for the requests that ask for it (jobs/tsdi_vllm.py). On a GPU
+        # vLLM checks at start that `gpu_memory_utilization` of the whole GPU is free, even with the
+        # KV cache sized in bytes: with its default 0.9 the second actor sharing a GPU would be
+        # refused, so it asks for its share (on CPU, with the cache in bytes, the value is unused).
         from jobs.tsdi_vllm import FQCN
 
         return LLM(model=str(model_dir), dtype="float32", kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
+                   gpu_memory_utilization=0.9 * self.gpu_share,
                    enable_prefix_caching=False, enforce_eager=not torch.cuda.is_available(),
                    generation_config="vllm", seed=0, logits_processors=[FQCN])
 
@@ -260,8 +267,8 @@ def engine(decoding: dict | None, batch_size: int = 128):
         raise InputError(f"decoding.engine must be one of {ENGINES}, not {name!r}")
     if name == "hf":
         return HFEngine(batch_size)
-    kv_cache_gb = decoding.get("kv_cache_gb", 0.25)
-    if _VLLM is None or _VLLM.kv_cache_gb != kv_cache_gb:
+    kv_cache_gb, gpu_share = decoding.get("kv_cache_gb", 0.25), decoding.get("gpus_per_actor") or 1.0
+    if _VLLM is None or (_VLLM.kv_cache_gb, _VLLM.gpu_share) != (kv_cache_gb, min(1.0, gpu_share)):
         close_all()
-        _VLLM = VLLMEngine(kv_cache_gb)
+        _VLLM = VLLMEngine(kv_cache_gb, gpu_share)
     return _VLLM

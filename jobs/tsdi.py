@@ -65,7 +65,7 @@ def _position_logprobs(model, prompts: list[list[int]], continuations: list[list
     mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):
         ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
     out = torch.zeros(len(seqs), length, logits.shape[-1])
     valid = torch.zeros(len(seqs), length, dtype=torch.bool)
     for r, (p, c) in enumerate(zip(prompts, continuations)):
@@ -158,13 +158,16 @@ def pool_texts(data_dir: str, pool: str) -> list[str]:
 
 def estimate_model_bias(aligned_dir: str, reference_dir: str, data_dir: str, cfg: dict, template: str, seed: int,
                         out_path: str, threads: int = 1) -> dict:
-    """One aligned model's bias against the reference, saved as a safetensors artifact."""
-    from jobs.models import load_model, load_tokenizer
+    """One aligned model's bias against the reference, saved as a safetensors artifact; on the GPU
+    Ray gave this task, if any."""
+    from jobs.models import load_model, load_tokenizer, ray_device
     from jobs.storage import local, publish
 
     torch.set_num_threads(threads)
     aligned_dir, reference_dir = local(aligned_dir), local(reference_dir)  # copies on this node, from a store
-    aligned, reference, tok = load_model(aligned_dir), load_model(reference_dir), load_tokenizer(aligned_dir)
+    device = ray_device()
+    aligned, reference = load_model(aligned_dir).to(device), load_model(reference_dir).to(device)
+    tok = load_tokenizer(aligned_dir)
     texts = pool_texts(data_dir, cfg["pool"])
     pool = neutral_pool(tok, texts)
     lengths = [max(1, len(tok(t, add_special_tokens=False).input_ids)) for t in texts]

@@ -80,9 +80,13 @@ def run(ctx: StageContext) -> Result:
     aligned = ctx.models()
     targets = debias_targets(ctx, aligned)
     cfg = d.model_dump(include={"prompts", "length", "pool", "continuation"})
-    estimate = ray.remote(estimate_model_bias).options(num_cpus=1)
+    # Two models' forward passes, on a generation actor's GPUs (`decoding.gpus_per_actor`); at least
+    # one whole CPU, a torch thread for each.
+    pool = spec.decoding.generation()
+    cpus = max(1, int(pool.cpus_per_actor))
+    estimate = ray.remote(estimate_model_bias).options(num_cpus=cpus, num_gpus=pool.gpus_per_actor)
     refs = {estimate.remote(path, aligned["base"], data_dir, cfg, spec.model.prompt_template, spec.seed,
-                            ctx.output("bias", f"{name}.safetensors"), 1): name for name, path in targets.items()}
+                            ctx.output("bias", f"{name}.safetensors"), cpus): name for name, path in targets.items()}
     biases = {name: r for name, r in wait_all(ctx, refs, "biases estimated")}
 
     settings = [(None, None)] + [(a, n) for a in d.sweep_alpha for n in d.sweep_length]

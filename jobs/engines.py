@@ -134,7 +134,10 @@ class VLLMEngine:
         config = _vllm_loadable(model_dir)
         fingerprint = config_fingerprint(config)
         if self.llm is not None and fingerprint == self.fingerprint:
-            loaded = self.llm.collective_rpc(_load_weights, args=(str(model_dir), bool(config.get("tie_word_embeddings"))))
+            tied = bool(config.get("tie_word_embeddings"))
+            # An engine that dies while loading is started on the checkpoint, which loads it.
+            loaded = self._survive(lambda: self.llm.collective_rpc(_load_weights, args=(str(model_dir), tied)),
+                                   after_restart=lambda: [True])
             if not all(loaded):
                 raise RuntimeError(f"vLLM loaded no weights from {model_dir}")
         else:
@@ -191,21 +194,27 @@ class VLLMEngine:
     def _generate(self, prompts, params):
         """vLLM's generate; an engine whose processes died (killed, out of memory) is started again
         once on the same checkpoint and the batch decoded again: greedy decoding gives the same
-        tokens, so nothing is lost but the start-up. A second death in a row is raised."""
+        tokens, so nothing is lost but the start-up."""
+        generate = lambda: self.llm.generate(prompts, params, use_tqdm=False)  # noqa: E731 - self.llm changes
+        return self._survive(generate, after_restart=generate)
+
+    def _survive(self, call, after_restart):
+        """`call()`, or, when the engine dies under it, `after_restart()` on an engine started again
+        on `self.model_dir`. A second death in a row is raised."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             with _dead_engine_raises(self.llm):
-                return self.llm.generate(prompts, params, use_tqdm=False)
+                return call()
         except EngineDeadError:
             import logging
 
             logging.getLogger(__name__).warning("the vLLM engine died; starting it again on %s", self.model_dir)
             self.restarts += 1
             self.close()  # what is left of the dead one: its client's threads and sockets
-            self.load(self.model_dir)
-            with _dead_engine_raises(self.llm):  # a second death raises rather than waits
-                return self.llm.generate(prompts, params, use_tqdm=False)
+            self.llm = self._start(self.model_dir)
+            with _dead_engine_raises(self.llm):
+                return after_restart()
 
     def close(self) -> None:
         if self.llm is not None:
@@ -219,22 +228,29 @@ class VLLMEngine:
 
 @contextlib.contextmanager
 def _dead_engine_raises(llm):
-    """While a batch is in flight, an engine found dead raises EngineDeadError in the caller.
+    """While a call to the engine is in flight, an engine found dead raises EngineDeadError in the
+    caller.
 
-    vLLM's sync client (0.32) waits on its output queue for the batch's outputs. When the engine's
-    process dies, its monitor thread marks the engine dead and stops the thread that fills the
-    queue, but puts nothing in it, so the caller waits forever (seen with the engine killed right
-    before `generate`: the request went out before the monitor noticed). This watcher puts the
-    error the caller should have got into that queue.
+    vLLM's sync client (0.32) waits on its output queue for a batch's outputs, and on a future for
+    a utility call's result (`collective_rpc`, the weight reload). When the engine's process dies,
+    its monitor thread marks the engine dead and stops the thread that fills both, but fills
+    neither, so the caller waits forever (seen with a batch sent to an engine that was killed
+    before vLLM noticed). This watcher gives both the error the caller should have got.
     """
     from vllm.v1.engine.exceptions import EngineDeadError
 
     client, done = llm.llm_engine.engine_core, threading.Event()
+    if not all(hasattr(client, name) for name in ("resources", "outputs_queue", "utility_results")):
+        yield  # an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) dies with its caller
+        return
 
     def watch():
         while not done.wait(0.2):
             if client.resources.engine_dead:
                 client.outputs_queue.put_nowait(EngineDeadError())
+                for future in list(client.utility_results.values()):
+                    with contextlib.suppress(Exception):  # one answered meanwhile is left as it is
+                        future.set_exception(EngineDeadError())
                 return
 
     watcher = threading.Thread(target=watch, name="saferay-vllm-engine-watch", daemon=True)
@@ -267,8 +283,8 @@ def engine(decoding: dict | None, batch_size: int = 128):
         raise InputError(f"decoding.engine must be one of {ENGINES}, not {name!r}")
     if name == "hf":
         return HFEngine(batch_size)
-    kv_cache_gb, gpu_share = decoding.get("kv_cache_gb", 0.25), decoding.get("gpus_per_actor") or 1.0
-    if _VLLM is None or (_VLLM.kv_cache_gb, _VLLM.gpu_share) != (kv_cache_gb, min(1.0, gpu_share)):
+    wanted = VLLMEngine(decoding.get("kv_cache_gb", 0.25), decoding.get("gpus_per_actor") or 1.0)
+    if _VLLM is None or (_VLLM.kv_cache_gb, _VLLM.gpu_share) != (wanted.kv_cache_gb, wanted.gpu_share):
         close_all()
-        _VLLM = VLLMEngine(kv_cache_gb, gpu_share)
+        _VLLM = wanted  # an engine starts on its first checkpoint, not here
     return _VLLM

@@ -6,6 +6,8 @@ study's evaluate stage, run for real on vLLM, gives the same HS, FA and over-ref
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -90,28 +92,44 @@ def test_evaluation_same_on_vllm_with_and_without_tsdi(models, tmp_path):
     assert changed > 0.5, f"the bias changed only {changed:.0%} of the responses"
 
 
-def test_an_engine_that_dies_is_started_again_and_decodes_the_same(models):
-    """The vLLM engine's core process killed (SIGKILL, as the kernel's OOM killer would) and the next
-    batch sent at once, before vLLM's monitor notices (as when the engine dies with a batch in
-    flight): the batch starts a new engine on the same checkpoint and decodes what the first engine
-    decoded. Sent after the monitor noticed, vLLM raises at once; sent before, vLLM 0.32 alone
-    would wait for it forever (`jobs/engines.py::_dead_engine_raises`)."""
+def _killed_in_flight(call):
+    """`call()` in a thread while the engine's core process is stopped (SIGSTOP), so its request is
+    surely in flight; then the core killed (SIGKILL, as the kernel's OOM killer would). vLLM 0.32
+    alone would leave `call` waiting forever (`jobs/engines.py::_dead_engine_raises`)."""
     import psutil
 
-    from jobs.engines import VLLMEngine
-    from jobs.models import load_tokenizer
-
-    data, _, sft = models
-    tok, prompts = load_tokenizer(sft), [list(x) for x in read_split(data, "harmful_eval")["prompt_ids"][:32]]
-    engine = VLLMEngine()
-    engine.load(sft)
-    before, _ = engine.generate(prompts, 24, tok.pad_token_id, tok.eos_token_id)
     cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
     assert cores, "no vLLM engine process to kill"
     for p in cores:
+        p.suspend()
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=call()), daemon=True)
+    thread.start()
+    time.sleep(2)  # the request goes out to the stopped engine
+    for p in cores:
         p.kill()
-    after, _ = engine.generate(prompts, 24, tok.pad_token_id, tok.eos_token_id)
-    assert engine.restarts == 1 and after == before
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the call waited on an engine that had died"
+    return out["result"]
+
+
+def test_an_engine_that_dies_is_started_again_and_decodes_the_same(models):
+    """The vLLM engine killed under a weight reload, then under a batch: each time a new engine is
+    started on the checkpoint, and decodes what the first engine decoded on it."""
+    from jobs.engines import VLLMEngine
+    from jobs.models import load_tokenizer
+
+    data, base, sft = models
+    tok, prompts = load_tokenizer(sft), [list(x) for x in read_split(data, "harmful_eval")["prompt_ids"][:32]]
+    decode = lambda: engine.generate(prompts, 24, tok.pad_token_id, tok.eos_token_id)[0]  # noqa: E731
+    engine = VLLMEngine()
+    engine.load(sft)
+    before = decode()
+    engine.load(base)
+    assert decode() != before, "the two checkpoints must decode apart for the reload to show"
+    _killed_in_flight(lambda: engine.load(sft))
+    assert engine.restarts == 1 and decode() == before
+    assert _killed_in_flight(decode) == before and engine.restarts == 2
     engine.close()
 
 

@@ -264,7 +264,7 @@ def plan(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override 
                       f"+ activations {mem['activations']:.2f}")
         am = p["attack_memory_per_worker_gib"]
         console.print(f"memory per attack worker: {am['total']:.2f} GiB = model states {am['model_states']:.2f} "
-                      f"+ activations {am['activations']:.2f} + Lisa's anchor {am['lisa_anchor']:.2f}")
+                      f"+ activations {am['activations']:.2f} + Lisa's anchor and penalty {am['lisa']:.2f}")
         d = p["decoding"]
         where = f"{d['gpus_per_actor']:g} GPU" if d["gpus_per_actor"] else "CPU"
         j = d["judge_pool"]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from jobs.records import InputError
 from orchestrator.spec import StudySpec
+from orchestrator.spec_sections import LISA
 
 GIB = 2**30
 
@@ -52,10 +53,12 @@ def model_config(spec: StudySpec):
                          "set model.config_file to its config.json") from None
 
 
-def model_shape(spec: StudySpec) -> dict:
-    """Parameter counts, sizes the memory estimates read. The tiny model's come from its config by
-    arithmetic; any other model's are counted on the meta device."""
-    return tiny_shape(spec) if spec.model.source == "tiny" else config_shape(spec)
+def model_shape(spec: StudySpec, lora=None) -> dict:
+    """Parameter counts, sizes the memory estimates read; `trainable` under `lora` (default:
+    align_sft's). The tiny model's come from its config by arithmetic; any other model's are
+    counted on the meta device."""
+    lora = lora or spec.align_sft.lora
+    return tiny_shape(spec, lora) if spec.model.source == "tiny" else config_shape(spec, lora)
 
 
 # The tiny Llama's linear layers, (in, out), as `jobs/models.py::tiny_llama` builds it: as many KV
@@ -66,11 +69,11 @@ def _tiny_linears(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
             "down_proj": (intermediate, hidden)}
 
 
-def tiny_shape(spec: StudySpec) -> dict:
+def tiny_shape(spec: StudySpec, lora=None) -> dict:
     """`config_shape` of the tiny model, by arithmetic: every `saferay run` checks the tiny model's
     memory before it starts, and building it on the meta device first imports transformers' model
     code, ~5 s of a driver that otherwise never needs it. `tests/test_plan.py` holds the two equal."""
-    t, lora = spec.model.tiny, spec.align_sft.lora
+    t, lora = spec.model.tiny, lora or spec.align_sft.lora
     linears = _tiny_linears(t.hidden, t.intermediate)
     per_layer = sum(i * o for i, o in linears.values()) + 2 * t.hidden  # and two RMSNorm weights
     embedding = t.vocab_size * t.hidden  # the output head is tied to it
@@ -85,7 +88,7 @@ def tiny_shape(spec: StudySpec) -> dict:
             "head_dim": t.hidden // t.heads, "vocab": t.vocab_size}
 
 
-def config_shape(spec: StudySpec) -> dict:
+def config_shape(spec: StudySpec, lora=None) -> dict:
     """Parameter counts from the config on the meta device: nothing is allocated or downloaded."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -96,16 +99,20 @@ def config_shape(spec: StudySpec) -> dict:
     params = list(model.parameters())  # tied weights appear once
     total = sum(p.numel() for p in params)
     largest = max(p.numel() for p in params)
-    lora = spec.align_sft.lora
+    lora = lora or spec.align_sft.lora
     trainable = total
     if lora.enabled:
         trainable = sum(lora.r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
                         if name.rsplit(".", 1)[-1] in lora.target_modules and hasattr(mod, "in_features"))
+    return {"parameters": total, "largest_layer": largest, "trainable": trainable, "hidden": config.hidden_size,
+            "heads": config.num_attention_heads, **attention_shape(config), "vocab": config.vocab_size}
+
+
+def attention_shape(config) -> dict:
+    """What a KV cache holds per position, from a transformers config."""
     heads = config.num_attention_heads
-    return {"parameters": total, "largest_layer": largest, "trainable": trainable,
-            "hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads, "vocab": config.vocab_size}
+    return {"layers": config.num_hidden_layers, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
 
 
 def model_states_bytes(shape: dict, strategy: str, zero_stage: int, offload: str, workers: int, bf16: bool) -> int:
@@ -137,21 +144,25 @@ def decoding_bytes(shape: dict, spec: StudySpec) -> int:
     weights = 4 * shape["parameters"]
     if spec.decoding.engine == "vllm":
         return weights + int(spec.decoding.kv_cache_gb * GIB)
-    batch = spec.decoding.batch_size
-    per_position = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 4
-    return weights + per_position * batch * spec.model.tiny.max_len
+    return weights + kv_bytes_per_position(shape) * spec.decoding.batch_size * spec.model.tiny.max_len
+
+
+def kv_bytes_per_position(shape: dict) -> int:
+    """One sequence position's fp32 KV cache: K and V × layers × KV heads × head size × 4 bytes."""
+    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 4
+
+
+VLLM_BLOCK = 16  # positions per KV-cache block (vLLM's default on GPUs; its CPU blocks are larger)
 
 
 def vllm_context_bytes(spec: StudySpec) -> tuple[int, int]:
     """vLLM refuses to start unless its KV cache holds one request at the model's full context:
-    that context's positions, and their bytes in fp32 (a lower bound: vLLM also rounds up to whole
-    blocks and holds one block back)."""
+    that context's positions, and their bytes in fp32, in whole blocks and one block more (vLLM
+    holds one back); a lower bound where vLLM's blocks are larger."""
     config = model_config(spec)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     positions = config.max_position_embeddings
-    return positions, 2 * config.num_hidden_layers * kv_heads * head_dim * 4 * positions
+    blocks = -(-positions // VLLM_BLOCK) + 1
+    return positions, blocks * VLLM_BLOCK * kv_bytes_per_position(attention_shape(config))
 
 
 def stage_resources(spec: StudySpec) -> dict[str, str]:
@@ -169,16 +180,19 @@ def training_memory(spec: StudySpec, shape: dict | None = None) -> tuple[int, in
     return states, activation_bytes(shape, a.batch_size // a.num_workers, spec.model.tiny.max_len, a.bf16)
 
 
-def attack_memory(spec: StudySpec, shape: dict) -> dict[str, int]:
-    """Per-worker bytes of the largest attack cell, under the attack section's own scaling. A cell
-    fine-tuned with Lisa (`sft+lisa`) also holds its anchor: a whole copy of the weights, which
-    every worker keeps (`jobs/defences.py::LisaStep`)."""
+def attack_memory(spec: StudySpec) -> dict[str, int]:
+    """Per-worker bytes of the largest attack cell, under the attack section's own scaling and
+    LoRA. A cell fine-tuned with Lisa (`sft+lisa`) also holds its anchor, a copy of every trainable
+    weight, and while its proximal term is built a difference of the same size
+    (`jobs/defences.py::LisaStep`); both in the weights' dtype, bf16 only under DeepSpeed (DDP's
+    bf16 is autocast over fp32 weights)."""
     t = spec.attack
+    shape = model_shape(spec, t.lora)
     states = model_states_bytes(shape, t.strategy, t.zero_stage, t.offload, t.num_workers, t.bf16)
     acts = activation_bytes(shape, t.batch_size // t.num_workers, spec.model.tiny.max_len, t.bf16)
-    lisa = any(m.endswith("+lisa") for m in t.models)
-    anchor = shape["parameters"] * (2 if t.bf16 else 4) if lisa else 0
-    return {"model_states": states, "activations": acts, "lisa_anchor": anchor, "total": states + acts + anchor}
+    weight = 2 if t.bf16 and t.strategy == "deepspeed" else 4
+    lisa = 2 * shape["trainable"] * weight if any(m.endswith(LISA) for m in t.models) else 0
+    return {"model_states": states, "activations": acts, "lisa": lisa, "total": states + acts + lisa}
 
 
 def make_plan(spec: StudySpec, store) -> dict:
@@ -209,7 +223,7 @@ def make_plan(spec: StudySpec, store) -> dict:
                                   "total": (states + acts) / GIB},
         "gpu_memory_gb": spec.cluster.gpu_memory_gb,
     }
-    attack = attack_memory(spec, shape)
+    attack = attack_memory(spec)
     out["attack_memory_per_worker_gib"] = {k: v / GIB for k, v in attack.items()}
     d = spec.decoding
     decoding = decoding_bytes(shape, spec)

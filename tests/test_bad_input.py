@@ -159,10 +159,11 @@ def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
     from orchestrator.spec import StudySpec
 
     shutil.copy(ROOT / "studies/configs/llama-2-7b.json", tmp_path / "config.json")
-    with pytest.raises(InputError, match=r"decoding.kv_cache_gb: 0.25 GiB cannot hold one request at the model's full "
-                                         r"context \(4096 positions need at least 4.00 GiB"):
-        check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm"}))
-    check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": 4.5}))
+    for gib in (0.25, 4.0):  # 4 GiB exactly is too little: vLLM holds one block of 16 positions back
+        with pytest.raises(InputError, match=rf"decoding.kv_cache_gb: {gib:g} GiB cannot hold one request at the "
+                                             r"model's full context \(4096 positions need at least 4.02 GiB"):
+            check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": gib}))
+    check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": 4.02}))
 
 
 def test_gpus_asked_of_a_cluster_without_any_are_named():

@@ -42,19 +42,25 @@ def test_llama2_7b_zero3_estimate_matches_deepspeed_within_20_percent(tmp_path):
 
 def test_attack_cells_are_planned_with_lisas_anchor(tmp_path):
     """An attack cell's worker holds the attack scaling's model states, its activations and, for
-    `sft+lisa`, Lisa's anchor (a bf16 copy of every weight). On 2 GPUs a Llama-2-7B Lisa cell needs
-    more than an 80 GB GPU: the plan says so and refuses."""
+    `sft+lisa`, Lisa's anchor and the difference its penalty builds (two bf16 copies of every
+    trainable weight under DeepSpeed). On 2 GPUs a Llama-2-7B Lisa cell needs more than an 80 GB
+    GPU: the plan says so and refuses."""
     p = plan(tmp_path, "vaa-llama2-7b.yaml")
     params, mem = p["model"]["parameters"], p["attack_memory_per_worker_gib"]
-    assert mem["lisa_anchor"] * 2**30 == 2 * params
+    assert mem["lisa"] * 2**30 == 2 * 2 * params
     assert mem["model_states"] * 2**30 == 2 * params + 14 * params // 4  # ZeRO-2 on 4: weights + a quarter of the rest
-    assert mem["total"] == pytest.approx(mem["model_states"] + mem["activations"] + mem["lisa_anchor"])
+    assert mem["total"] == pytest.approx(mem["model_states"] + mem["activations"] + mem["lisa"])
+    assert p["fits"] is True and mem["total"] * 2**30 < 80e9
     two = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.num_workers=2", "attack.max_concurrent=4")
     assert two["fits"] is False and two["over"] == [
         f"an attack cell needs {two['attack_memory_per_worker_gib']['total']:.1f} GiB per GPU worker"]
-    assert two["attack_memory_per_worker_gib"]["total"] * 2**30 > 80e9
-    without_lisa = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.models=[sft, vaa]")
-    assert without_lisa["attack_memory_per_worker_gib"]["lisa_anchor"] == 0
+    assert plan(tmp_path, "vaa-llama2-7b.yaml", "attack.models=[sft, vaa]")["attack_memory_per_worker_gib"]["lisa"] == 0
+    # The attack's own LoRA, not align_sft's: adapters only are trainable, and only they are anchored.
+    lora = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.lora.enabled=true")["attack_memory_per_worker_gib"]
+    assert lora["lisa"] < mem["lisa"] / 100 and lora["model_states"] < mem["model_states"]
+    # DDP's bf16 is autocast over fp32 weights: its copies are fp32.
+    ddp = plan(tmp_path, "vaa-llama2-7b.yaml", "attack.strategy=ddp")["attack_memory_per_worker_gib"]
+    assert ddp["lisa"] == 2 * mem["lisa"]
 
 
 def test_presets_order_the_estimate(tmp_path):

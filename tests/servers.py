@@ -88,6 +88,13 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # a child that has already exited
+        return []
+
+
 class RayNode:
     """A second Ray node on this machine (`ray start --address` the head's GCS, ports and a temp
     dir of its own), with `resources` to tell it apart; stopped by the process ids it started.
@@ -111,12 +118,12 @@ class RayNode:
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started: list[psutil.Process] = []
         end = time.monotonic() + 90
-        while time.monotonic() < end and not any("raylet" in " ".join(p.cmdline()) for p in self.started):
+        while time.monotonic() < end and not any("raylet" in " ".join(_cmdline(p)) for p in self.started):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start --address exited with {self.proc.returncode}")
             time.sleep(1)
             self.started = psutil.Process(self.proc.pid).children(recursive=True)
-        if not any("raylet" in " ".join(p.cmdline()) for p in self.started):
+        if not any("raylet" in " ".join(_cmdline(p)) for p in self.started):
             self.stop()  # a node that never joined would leave its runs waiting for its CPUs
             raise RuntimeError(f"ray start --address started no raylet in 90 s (log: {self.log.name})")
 

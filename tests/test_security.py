@@ -35,8 +35,10 @@ def two_studies(smoke_store, tmp_path_factory):
         outputs = {name: p.communicate(timeout=max(1, end - time.monotonic()))[0] for name, p in procs.items()}
     finally:  # a study still running (a timeout, an interrupt) must not go on beside the next tests
         for p in procs.values():
+            tree = []
             if p.poll() is None:
-                tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]  # its local Ray
+                with contextlib.suppress(psutil.NoSuchProcess):  # it may end meanwhile
+                    tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]  # its local Ray
                 for proc in tree:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         proc.kill()

@@ -54,8 +54,17 @@ def resources(spec: StudySpec) -> str:
     if not spec.debias.enabled:
         return "none"
     over = f" + 1 run of {scaling(spec.align_sft)}" if spec.debias.over_aligned.enabled else ""
-    return (f"one bias-estimation task per model (1 CPU){over}; the decode-and-judge pipeline: "
-            f"{spec.decoding.words()}")
+    cpus, gpus = bias_task(spec)
+    return (f"one bias-estimation task per model ({cpus} CPU{f', {gpus} GPU' if gpus else ''}){over}; "
+            f"the decode-and-judge pipeline: {spec.decoding.words()}")
+
+
+def bias_task(spec: StudySpec) -> tuple[int, int]:
+    """A bias-estimation task's CPUs and GPUs: two models' forward passes, on a GPU where the
+    generation actors have GPUs (a whole one: it holds twice an actor's weights), and at least
+    one whole CPU, a torch thread for each."""
+    pool = spec.decoding.generation()
+    return max(1, int(pool.cpus_per_actor)), 1 if pool.gpus_per_actor else 0
 
 
 def shown(result: Result, location: str) -> dict:
@@ -80,11 +89,8 @@ def run(ctx: StageContext) -> Result:
     aligned = ctx.models()
     targets = debias_targets(ctx, aligned)
     cfg = d.model_dump(include={"prompts", "length", "pool", "continuation"})
-    # Two models' forward passes, on a generation actor's GPUs (`decoding.gpus_per_actor`); at least
-    # one whole CPU, a torch thread for each.
-    pool = spec.decoding.generation()
-    cpus = max(1, int(pool.cpus_per_actor))
-    estimate = ray.remote(estimate_model_bias).options(num_cpus=cpus, num_gpus=pool.gpus_per_actor)
+    cpus, gpus = bias_task(spec)
+    estimate = ray.remote(estimate_model_bias).options(num_cpus=cpus, num_gpus=gpus)
     refs = {estimate.remote(path, aligned["base"], data_dir, cfg, spec.model.prompt_template, spec.seed,
                             ctx.output("bias", f"{name}.safetensors"), cpus): name for name, path in targets.items()}
     biases = {name: r for name, r in wait_all(ctx, refs, "biases estimated")}

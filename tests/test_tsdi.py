@@ -30,7 +30,11 @@ def test_bias_of_a_model_against_itself_is_zero(tiny):
     assert b.shape == (4, model.config.vocab_size) and b.abs().max().item() < 1e-5
 
 
-class FixedLogits(torch.nn.Module):
+class HandBuilt(torch.nn.Module):
+    device = torch.device("cpu")  # where its inputs go, as a transformers model says
+
+
+class FixedLogits(HandBuilt):
     """A hand-built 'model': the same next-token distribution at every position."""
 
     def __init__(self, probs):
@@ -102,11 +106,11 @@ def test_bias_is_read_at_the_first_response_position():
     """b_1 is log π(· | x̃) at the last prompt token, b_2 after one continuation token: a model whose
     next-token distribution depends on the previous token shows an off-by-one at once."""
 
-    class EchoNext(torch.nn.Module):  # predicts (previous token + 1) mod V, sharply
+    class EchoNext(HandBuilt):  # predicts (previous token + 1) mod V, sharply
         def forward(self, input_ids, attention_mask=None):
             return SimpleNamespace(logits=10.0 * torch.nn.functional.one_hot((input_ids + 1) % 6, 6).float())
 
-    class Uniform(torch.nn.Module):
+    class Uniform(HandBuilt):
         def forward(self, input_ids, attention_mask=None):
             return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 6))
 

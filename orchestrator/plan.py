@@ -11,7 +11,9 @@ layer: its bf16 weight and gradient). DeepSpeed's own estimator
 one) charges 18 bytes instead of 16, keeping fp32 gradients as well; `tests/test_plan.py`
 checks the two agree within 20% for Llama-2-7B on 8 GPUs. Activations are a rough extra:
 34·s·b·h bytes per layer plus 5·a·s²·b for attention scores (Korthikanti et al., 2022, no
-recomputation), and the fp32 logits.
+recomputation), and the fp32 logits. Alignment's workers are estimated under align_sft's
+scaling, an attack cell's under the attack section's, with Lisa's two extra copies of the
+trainable weights for `+lisa` cells (`attack_memory`).
 
 A generation actor of the decode-and-judge pipeline holds the fp32 weights both engines load
 (4 bytes per parameter) and a KV cache: vLLM's `decoding.kv_cache_gb`, or hf's for one batch

@@ -237,7 +237,6 @@ def check_decoding(spec: StudySpec) -> None:
                          f"download it to a directory first, or set decoding.engine: hf")
     if why := vllm_missing():
         raise InputError(f"decoding.engine: {why}; or set decoding.engine: hf")
-    check_kv_cache(spec)
 
     if not d.gpus_per_actor:  # generation actors hold no GPU: vLLM runs its CPU kernels
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -254,6 +253,7 @@ def check_decoding(spec: StudySpec) -> None:
         if head not in sizes:
             raise InputError(f"decoding.engine: vllm on CPU takes head sizes {sizes}; {where} = {head}: "
                              f"change the model or set decoding.engine: hf")
+    check_kv_cache(spec)  # after the config.json check above, whose message is the clearer one
 
 
 def check_kv_cache(spec: StudySpec) -> None:

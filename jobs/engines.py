@@ -120,8 +120,10 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, kv_cache_gb: float = 0.25, gpu_share: float = 1.0):
+    def __init__(self, kv_cache_gb: float = 0.25, gpu_share: float = 1.0, max_model_len: int | None = None):
         self.kv_cache_gb, self.llm, self.fingerprint, self.max_len = kv_cache_gb, None, None, None
+        # `decoding.max_model_len`: the longest request the engine holds (None: the model's context).
+        self.max_model_len = max_model_len
         # The part of a GPU this engine's actor holds (`decoding.gpus_per_actor`): vLLM refuses to
         # start unless that part of the GPU is free (below).
         self.gpu_share = min(1.0, gpu_share) or 1.0
@@ -143,7 +145,7 @@ class VLLMEngine:
         else:
             self.close()
             self.llm = self._start(model_dir)
-        self.fingerprint, self.max_len = fingerprint, config.get("max_position_embeddings")
+        self.fingerprint, self.max_len = fingerprint, self.max_model_len or config.get("max_position_embeddings")
 
     def _start(self, model_dir: str):
         # The weight loader above is sent to vLLM's worker as a function, which vLLM pickles only
@@ -162,7 +164,7 @@ class VLLMEngine:
         from jobs.tsdi_vllm import FQCN
 
         return LLM(model=str(model_dir), dtype="float32", kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
-                   gpu_memory_utilization=0.9 * self.gpu_share,
+                   gpu_memory_utilization=0.9 * self.gpu_share, max_model_len=self.max_model_len,
                    enable_prefix_caching=False, enforce_eager=not torch.cuda.is_available(),
                    generation_config="vllm", seed=0, logits_processors=[FQCN])
 
@@ -173,8 +175,9 @@ class VLLMEngine:
 
         if self.max_len and (longest := max((len(p) for p in prompt_ids), default=0)) + max_new_tokens > self.max_len:
             # vLLM stops at the model's context where hf would go on: the engines would disagree.
+            limit = f"decoding.max_model_len ({self.max_len})" if self.max_model_len else f"the model's {self.max_len} positions"
             raise InputError(f"decoding.engine: vllm: a prompt of {longest} tokens + {max_new_tokens} new ones "
-                             f"exceeds the model's {self.max_len} positions")
+                             f"exceeds {limit}")
         # Stop at `eos_id` only (ignore_eos drops vLLM's own eos handling), as `generate` does; pad_id
         # and batch sizes are hf's concerns (vLLM batches by itself).
         params = SamplingParams(temperature=0, max_tokens=max_new_tokens, ignore_eos=True, stop_token_ids=[int(eos_id)],
@@ -283,8 +286,10 @@ def engine(decoding: dict | None, batch_size: int = 128):
         raise InputError(f"decoding.engine must be one of {ENGINES}, not {name!r}")
     if name == "hf":
         return HFEngine(batch_size)
-    wanted = VLLMEngine(decoding.get("kv_cache_gb", 0.25), decoding.get("gpus_per_actor") or 1.0)
-    if _VLLM is None or (_VLLM.kv_cache_gb, _VLLM.gpu_share) != (wanted.kv_cache_gb, wanted.gpu_share):
+    wanted = VLLMEngine(decoding.get("kv_cache_gb", 0.25), decoding.get("gpus_per_actor") or 1.0,
+                        decoding.get("max_model_len"))
+    settings = lambda e: (e.kv_cache_gb, e.gpu_share, e.max_model_len)  # noqa: E731
+    if _VLLM is None or settings(_VLLM) != settings(wanted):
         close_all()
         _VLLM = wanted  # an engine starts on its first checkpoint, not here
     return _VLLM

@@ -158,11 +158,12 @@ VLLM_BLOCK = 16  # positions per KV-cache block (vLLM's default on GPUs; its CPU
 
 
 def vllm_context_bytes(spec: StudySpec) -> tuple[int, int]:
-    """vLLM refuses to start unless its KV cache holds one request at the model's full context:
-    that context's positions, and their bytes in fp32, in whole blocks and one block more (vLLM
-    holds one back); a lower bound where vLLM's blocks are larger."""
+    """vLLM refuses to start unless its KV cache holds one request of its longest length (the
+    model's context, or `decoding.max_model_len`): those positions, and their bytes in fp32, in
+    whole blocks and one block more (vLLM holds one back); a lower bound where vLLM's blocks are
+    larger."""
     config = model_config(spec)
-    positions = config.max_position_embeddings
+    positions = min(config.max_position_embeddings, spec.decoding.max_model_len or config.max_position_embeddings)
     blocks = -(-positions // VLLM_BLOCK) + 1
     return positions, blocks * VLLM_BLOCK * kv_bytes_per_position(attention_shape(config))
 

@@ -257,17 +257,23 @@ def check_decoding(spec: StudySpec) -> None:
 
 
 def check_kv_cache(spec: StudySpec) -> None:
-    """vLLM starts only with room in `decoding.kv_cache_gb` for one request at the model's full
-    context (Llama-2-7B's 4096 positions in fp32: 4 GiB, against a default of 0.25); otherwise the
-    first evaluation fails as the engine starts, hours into a study."""
-    from orchestrator.plan import GIB, vllm_context_bytes
+    """vLLM starts only with room in `decoding.kv_cache_gb` for one request of its longest length,
+    the model's full context unless `decoding.max_model_len` is shorter (Llama-2-7B's 4096
+    positions in fp32: 4 GiB, against a default of 0.25); otherwise the first evaluation fails as
+    the engine starts, hours into a study."""
+    from orchestrator.plan import GIB, model_config, vllm_context_bytes
 
+    d = spec.decoding
+    if d.max_model_len and d.max_model_len > (context := model_config(spec).max_position_embeddings):
+        raise InputError(f"decoding.max_model_len: {d.max_model_len} is longer than the model's context "
+                         f"({context} positions), which vLLM refuses")
     positions, need = vllm_context_bytes(spec)
-    have = spec.decoding.kv_cache_gb * GIB
-    if need > have:
-        raise InputError(f"decoding.kv_cache_gb: {spec.decoding.kv_cache_gb:g} GiB cannot hold one request at the "
-                         f"model's full context ({positions} positions need at least {need / GIB:.2f} GiB of fp32 "
-                         f"KV cache, which vLLM asks for before it starts): raise decoding.kv_cache_gb")
+    if need > d.kv_cache_gb * GIB:
+        length = "decoding.max_model_len" if d.max_model_len else "the model's full context"
+        raise InputError(f"decoding.kv_cache_gb: {d.kv_cache_gb:g} GiB cannot hold one request at {length} "
+                         f"({positions} positions need at least {need / GIB:.2f} GiB of fp32 KV cache, which "
+                         f"vLLM asks for before it starts): raise decoding.kv_cache_gb, or set a shorter "
+                         f"decoding.max_model_len")
 
 
 def gpu_asks(spec: StudySpec) -> list[tuple[str, float]]:

@@ -444,6 +444,10 @@ class DecodingSpec(Strict):
     engine: Literal["hf", "vllm"] = "hf"  # vllm: pip install -e '.[vllm]' (jobs/engines.py)
     # vLLM's KV cache per engine, in GiB (on CPU it is RAM; vLLM would otherwise reserve most of it).
     kv_cache_gb: float = Field(0.25, gt=0)
+    # vLLM only: the longest request (prompt + new tokens) its engine holds; default the model's
+    # context. vLLM's KV cache must hold one such request, so a long-context model needs it set:
+    # Qwen2.5-7B's 131,072 positions need 14 GiB of cache, 4,096 of them 0.44 GiB.
+    max_model_len: int | None = Field(None, ge=1)
     # The generation pool: each actor holds one engine and decodes on whatever device Ray gives it.
     actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)

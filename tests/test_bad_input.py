@@ -165,6 +165,16 @@ def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
             check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": gib}))
     check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": 4.02}))
 
+    # A shorter decoding.max_model_len bounds the request: 240 positions (15 blocks and the held one,
+    # 1 MiB each) fill the default 0.25 GiB, 256 do not; longer than the model's context, vLLM refuses it.
+    vllm = lambda **d: StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", **d})  # noqa: E731
+    check_decoding(vllm(max_model_len=240))
+    with pytest.raises(InputError, match=r"kv_cache_gb: 0.25 GiB cannot hold one request at decoding.max_model_len "
+                                         r"\(256 positions need at least 0.27 GiB"):
+        check_decoding(vllm(max_model_len=256))
+    with pytest.raises(InputError, match=r"decoding.max_model_len: 8192 is longer than the model's context \(4096"):
+        check_decoding(vllm(max_model_len=8192, kv_cache_gb=9))
+
 
 def test_gpus_asked_of_a_cluster_without_any_are_named():
     """On a cluster, what asks for GPUs is checked against `ray.cluster_resources()` once Ray has

@@ -153,3 +153,28 @@ def test_the_evaluate_stage_on_vllm_gives_hf_numbers(smoke_store, tmp_path):
     assert vllm.seconds != hf.seconds, "evaluated again, not adopted"
     for field in ("models", "attack", "attack_table", "comparisons"):
         assert getattr(vllm, field) == getattr(hf, field), field
+
+
+def test_max_model_len_bounds_the_engine_and_a_longer_request_names_it(models):
+    """`decoding.max_model_len` reaches vLLM: its engine holds requests of that length (the KV cache
+    it needs is sized by it, not by the model's 96 positions), decodes what hf decodes up to it, and
+    refuses a request one token longer with the field's name rather than cutting the response short."""
+    from jobs.engines import HFEngine, VLLMEngine
+    from jobs.models import load_tokenizer
+    from jobs.records import InputError
+
+    data, _, sft = models
+    tok, prompts = load_tokenizer(sft), [list(x) for x in read_split(data, "harmful_eval")["prompt_ids"][:16]]
+    limit = max(map(len, prompts)) + 24
+    decode = lambda engine, new: engine.generate(prompts, new, tok.pad_token_id, tok.eos_token_id)[0]  # noqa: E731
+    hf = HFEngine(16)
+    hf.load(sft)
+    engine = VLLMEngine(max_model_len=limit)
+    try:
+        engine.load(sft)
+        assert engine.llm.llm_engine.model_config.max_model_len == limit < 96
+        assert decode(engine, 24) == decode(hf, 24)
+        with pytest.raises(InputError, match=rf"exceeds decoding.max_model_len \({limit}\)"):
+            decode(engine, 25)
+    finally:
+        engine.close()

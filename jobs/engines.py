@@ -175,7 +175,8 @@ class VLLMEngine:
 
         if self.max_len and (longest := max((len(p) for p in prompt_ids), default=0)) + max_new_tokens > self.max_len:
             # vLLM stops at the model's context where hf would go on: the engines would disagree.
-            limit = f"decoding.max_model_len ({self.max_len})" if self.max_model_len else f"the model's {self.max_len} positions"
+            limit = (f"decoding.max_model_len ({self.max_len})" if self.max_model_len
+                     else f"the model's {self.max_len} positions")
             raise InputError(f"decoding.engine: vllm: a prompt of {longest} tokens + {max_new_tokens} new ones "
                              f"exceeds {limit}")
         # Stop at `eos_id` only (ignore_eos drops vLLM's own eos handling), as `generate` does; pad_id

@@ -204,12 +204,14 @@ def check_resources(spec: StudySpec) -> None:
 
         check_gpus_exist(spec, torch.cuda.device_count())
     t = spec.tune
-    if t.enabled and not spec.align_sft.use_gpu:
-        need = t.max_concurrent_trials * t.cpus_per_trial + spec.align_sft.num_workers * spec.align_sft.cpus_per_worker
-        if need > cpus:
+    # A trial holds its CPUs while it drives an alignment run, then an attack run per task.
+    for name, run in (("align_sft", "alignment"), ("attack", "attack")):
+        s = getattr(spec, name)
+        held = t.max_concurrent_trials * t.cpus_per_trial
+        if t.enabled and not s.use_gpu and held + s.num_workers * s.cpus_per_worker > cpus:
             raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
-                             f"trial's VAA run (align_sft: {spec.align_sft.num_workers} × "
-                             f"{spec.align_sft.cpus_per_worker:g} CPU) on the local Ray's {cpus} CPUs")
+                             f"trial's {run} run ({name}: {s.num_workers} × {s.cpus_per_worker:g} CPU) on the local "
+                             f"Ray's {cpus} CPUs")
 
 
 def check_decoding(spec: StudySpec) -> None:

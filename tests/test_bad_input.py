@@ -77,6 +77,12 @@ CASES = {
     "a run the local Ray can never start": (
         lambda t: "study: bad\nalign_sft: {num_workers: 256, batch_size: 256}\n",
         "align_sft: 256 workers × 0.5 CPU need 128 CPUs; the local Ray has"),
+    "a tune trial's alignment run the local Ray can never start": (
+        lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\nalign_sft: {cpus_per_worker: 1}\n",
+        "tune: 2 trials × 0.1 CPU leave no room for a trial's alignment run (align_sft: 2 × 1 CPU) on the local Ray's 2"),
+    "a tune trial's attack run the local Ray can never start": (
+        lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\nattack: {num_workers: 2, batch_size: 8}\n",
+        "tune: 2 trials × 0.1 CPU leave no room for a trial's attack run (attack: 2 × 1 CPU) on the local Ray's 2"),
     "empty spec": (lambda t: "", "spec.yaml: the spec is empty: a spec needs at least 'study: NAME'"),
     "empty seed list": (lambda t: "study: bad\nseeds: []\n", "seeds: is empty"),
     "duplicated seeds": (lambda t: "study: bad\nseeds: [1, 2, 1]\n", "seeds: repeats [1]"),

@@ -154,18 +154,20 @@ def kv_bytes_per_position(shape: dict) -> int:
     return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 4
 
 
-VLLM_BLOCK = 16  # positions per KV-cache block (vLLM's default on GPUs; its CPU blocks are larger)
+def vllm_block(spec: StudySpec) -> int:
+    """Positions per KV-cache block: vLLM's default on GPUs is 16; on CPU it sets 128
+    (vllm/platforms/cpu.py)."""
+    return 16 if spec.decoding.gpus_per_actor else 128
 
 
 def vllm_context_bytes(spec: StudySpec) -> tuple[int, int]:
     """vLLM refuses to start unless its KV cache holds one request of its longest length (the
     model's context, or `decoding.max_model_len`): those positions, and their bytes in fp32, in
-    whole blocks and one block more (vLLM holds one back); a lower bound where vLLM's blocks are
-    larger."""
+    whole blocks and one block more (vLLM holds one back)."""
     config = model_config(spec)
     positions = min(config.max_position_embeddings, spec.decoding.max_model_len or config.max_position_embeddings)
-    blocks = -(-positions // VLLM_BLOCK) + 1
-    return positions, blocks * VLLM_BLOCK * kv_bytes_per_position(attention_shape(config))
+    block = vllm_block(spec)
+    return positions, (-(-positions // block) + 1) * block * kv_bytes_per_position(attention_shape(config))
 
 
 def stage_resources(spec: StudySpec) -> dict[str, str]:

@@ -4,6 +4,7 @@ usable, so bad input fails in seconds with one message and leaves the store as i
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -261,8 +262,8 @@ def check_decoding(spec: StudySpec) -> None:
 def check_kv_cache(spec: StudySpec) -> None:
     """vLLM starts only with room in `decoding.kv_cache_gb` for one request of its longest length,
     the model's full context unless `decoding.max_model_len` is shorter (Llama-2-7B's 4096
-    positions in fp32: 4 GiB, against a default of 0.25); otherwise the first evaluation fails as
-    the engine starts, hours into a study."""
+    positions in fp32: 4 GiB, against a default of 0.25), in vLLM's blocks (`plan.vllm_block`);
+    otherwise the first evaluation fails as the engine starts, hours into a study."""
     from orchestrator.plan import GIB, model_config, vllm_context_bytes
 
     d = spec.decoding
@@ -272,9 +273,10 @@ def check_kv_cache(spec: StudySpec) -> None:
     positions, need = vllm_context_bytes(spec)
     if need > d.kv_cache_gb * GIB:
         length = "decoding.max_model_len" if d.max_model_len else "the model's full context"
+        enough = math.ceil(need / GIB * 100) / 100  # rounded up: the value printed is one that fits
         raise InputError(f"decoding.kv_cache_gb: {d.kv_cache_gb:g} GiB cannot hold one request at {length} "
-                         f"({positions} positions need at least {need / GIB:.2f} GiB of fp32 KV cache, which "
-                         f"vLLM asks for before it starts): raise decoding.kv_cache_gb, or set a shorter "
+                         f"({positions} positions need at least {enough:.2f} GiB of fp32 KV cache, which vLLM "
+                         f"asks for before it starts): raise decoding.kv_cache_gb, or set a shorter "
                          f"decoding.max_model_len")
 
 

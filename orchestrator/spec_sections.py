@@ -446,7 +446,7 @@ class DecodingSpec(Strict):
     kv_cache_gb: float = Field(0.25, gt=0)
     # vLLM only: the longest request (prompt + new tokens) its engine holds; default the model's
     # context. vLLM's KV cache must hold one such request, so a long-context model needs it set:
-    # Qwen2.5-7B's 131,072 positions need 14 GiB of cache, 4,096 of them 0.44 GiB.
+    # Qwen2.5-7B's 131,072 positions need 14 GiB of cache on a GPU, 4,096 of them 0.44 GiB.
     max_model_len: int | None = Field(None, ge=1)
     # The generation pool: each actor holds one engine and decodes on whatever device Ray gives it.
     actors: int = Field(2, ge=1)

@@ -155,29 +155,34 @@ def test_vllm_not_installed_or_a_hub_model_is_one_clear_line(monkeypatch):
 
 
 def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
-    """vLLM starts only when its KV cache holds one request at the model's full context: Llama-2-7B
-    (4096 positions; 32 layers × 32 KV heads × 128 × K and V × 4 bytes = 1 MiB a position) needs
-    4 GiB, 16 times the default `decoding.kv_cache_gb`."""
+    """vLLM starts only when its KV cache holds one request at the model's full context, in whole
+    blocks and one more it holds back: Llama-2-7B (4096 positions; 32 layers × 32 KV heads × 128 ×
+    K and V × 4 bytes = 1 MiB a position) needs 33 blocks of 128 positions on CPU (4.125 GiB) and
+    257 of 16 on a GPU (4.016 GiB), 16 times the default `decoding.kv_cache_gb`."""
     if not os.environ.get("CI"):
         pytest.importorskip("vllm", reason="the vllm extra is not installed (make test installs it)")
     from jobs.records import InputError
-    from orchestrator.preflight import check_decoding
+    from orchestrator.preflight import check_decoding, check_kv_cache
     from orchestrator.spec import StudySpec
 
     shutil.copy(ROOT / "studies/configs/llama-2-7b.json", tmp_path / "config.json")
-    for gib in (0.25, 4.0):  # 4 GiB exactly is too little: vLLM holds one block of 16 positions back
-        with pytest.raises(InputError, match=rf"decoding.kv_cache_gb: {gib:g} GiB cannot hold one request at the "
-                                             r"model's full context \(4096 positions need at least 4.02 GiB"):
-            check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": gib}))
-    check_decoding(StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", "kv_cache_gb": 4.02}))
-
-    # A shorter decoding.max_model_len bounds the request: 240 positions (15 blocks and the held one,
-    # 1 MiB each) fill the default 0.25 GiB, 256 do not; longer than the model's context, vLLM refuses it.
     vllm = lambda **d: StudySpec(model={"source": str(tmp_path)}, decoding={"engine": "vllm", **d})  # noqa: E731
-    check_decoding(vllm(max_model_len=240))
+    for gib in (0.25, 4.0, 4.12):  # 4 GiB exactly is too little: vLLM holds a block back
+        with pytest.raises(InputError, match=rf"decoding.kv_cache_gb: {gib:g} GiB cannot hold one request at the "
+                                             r"model's full context \(4096 positions need at least 4.13 GiB"):
+            check_decoding(vllm(kv_cache_gb=gib))
+    check_decoding(vllm(kv_cache_gb=4.13))  # the value the message names fits
+    # On a GPU (no GPU here, so the check alone) vLLM's blocks are 16 positions.
+    with pytest.raises(InputError, match=r"4096 positions need at least 4.02 GiB"):
+        check_kv_cache(vllm(kv_cache_gb=4.0, gpus_per_actor=1))
+    check_kv_cache(vllm(kv_cache_gb=4.02, gpus_per_actor=1))
+
+    # A shorter decoding.max_model_len bounds the request: 128 positions (one CPU block of 128 MiB and
+    # the held one) fill the default 0.25 GiB, 129 do not; longer than the model's context, vLLM refuses it.
+    check_decoding(vllm(max_model_len=128))
     with pytest.raises(InputError, match=r"kv_cache_gb: 0.25 GiB cannot hold one request at decoding.max_model_len "
-                                         r"\(256 positions need at least 0.27 GiB"):
-        check_decoding(vllm(max_model_len=256))
+                                         r"\(129 positions need at least 0.38 GiB"):
+        check_decoding(vllm(max_model_len=129))
     with pytest.raises(InputError, match=r"decoding.max_model_len: 8192 is longer than the model's context \(4096"):
         check_decoding(vllm(max_model_len=8192, kv_cache_gb=9))
 

@@ -156,25 +156,52 @@ def test_the_evaluate_stage_on_vllm_gives_hf_numbers(smoke_store, tmp_path):
 
 
 def test_max_model_len_bounds_the_engine_and_a_longer_request_names_it(models):
-    """`decoding.max_model_len` reaches vLLM: its engine holds requests of that length (the KV cache
-    it needs is sized by it, not by the model's 96 positions), decodes what hf decodes up to it, and
-    refuses a request one token longer with the field's name rather than cutting the response short."""
+    """`decoding.max_model_len` reaches vLLM: its engine holds requests of that length, decodes what
+    hf decodes up to it, and refuses a request one token longer with the field's name rather than
+    cutting the response short. The KV cache preflight asks for at that length
+    (`plan.vllm_context_bytes`) is what vLLM needs on CPU, to the byte: with it the engine starts,
+    with 1 KiB less vLLM refuses to start."""
     from jobs.engines import HFEngine, VLLMEngine
     from jobs.models import load_tokenizer
     from jobs.records import InputError
+    from orchestrator.plan import GIB, vllm_context_bytes
+    from orchestrator.spec import load_spec
 
     data, _, sft = models
     tok, prompts = load_tokenizer(sft), [list(x) for x in read_split(data, "harmful_eval")["prompt_ids"][:16]]
     limit = max(map(len, prompts)) + 24
+    spec = load_spec(SMOKE)
+    spec = spec.model_copy(update={"decoding": spec.decoding.model_copy(update={"engine": "vllm", "max_model_len": limit})})
+    positions, need = vllm_context_bytes(spec)
+    assert positions == limit < 96
+
+    too_small = VLLMEngine(kv_cache_gb=(need - 1024) / GIB, max_model_len=limit)
+    with pytest.raises(RuntimeError, match="Engine core initialization failed"):
+        too_small.load(sft)
+    too_small.close()
+
     decode = lambda engine, new: engine.generate(prompts, new, tok.pad_token_id, tok.eos_token_id)[0]  # noqa: E731
     hf = HFEngine(16)
     hf.load(sft)
-    engine = VLLMEngine(max_model_len=limit)
+    engine = VLLMEngine(kv_cache_gb=need / GIB, max_model_len=limit)
     try:
         engine.load(sft)
-        assert engine.llm.llm_engine.model_config.max_model_len == limit < 96
+        assert engine.llm.llm_engine.model_config.max_model_len == limit
         assert decode(engine, 24) == decode(hf, 24)
         with pytest.raises(InputError, match=rf"exceeds decoding.max_model_len \({limit}\)"):
             decode(engine, 25)
     finally:
         engine.close()
+
+
+def test_the_process_engine_is_kept_only_for_the_same_settings():
+    """One vLLM engine per process, reused while the decoding settings that shape it stay the same
+    (it starts on its first checkpoint, so nothing starts here)."""
+    from jobs.engines import close_all, engine
+
+    shaped = {"engine": "vllm", "max_model_len": 64}
+    for changed in ({"max_model_len": 32}, {"max_model_len": None}, {"kv_cache_gb": 0.5}, {"gpus_per_actor": 0.5}):
+        first = engine(shaped)
+        assert engine(dict(shaped)) is first
+        assert engine({**shaped, **changed}) is not first, changed
+    close_all()

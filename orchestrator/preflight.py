@@ -229,6 +229,17 @@ def check_decoding(spec: StudySpec) -> None:
             if pool.cpus_per_actor > cpus:  # no actor could ever start: the pipeline would wait forever
                 raise InputError(f"{field}.cpus_per_actor: {pool.cpus_per_actor:g} CPUs per actor; the local Ray "
                                  f"has {cpus}")
+        # A pipeline runs only with one actor of each pool up at once, beside the CPUs Tune's trials
+        # hold while one of them decodes; an actor that started first keeps its CPUs while it waits,
+        # so whether the other ever starts would depend on which Ray placed first.
+        t = spec.tune
+        held = t.max_concurrent_trials * t.cpus_per_trial if t.enabled else 0
+        if held + d.cpus_per_actor + d.judge_pool.cpus_per_actor > cpus:
+            trials = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
+            raise InputError(f"decoding: a generation actor ({d.cpus_per_actor:g} CPU) and a judge actor "
+                             f"({d.judge_pool.cpus_per_actor:g} CPU){trials} need "
+                             f"{held + d.cpus_per_actor + d.judge_pool.cpus_per_actor:g} CPUs at once; the local "
+                             f"Ray has {cpus} (lower decoding.cpus_per_actor or decoding.judge_pool.cpus_per_actor)")
     if d.engine != "vllm":
         return
     from jobs.engines import vllm_missing

@@ -83,6 +83,14 @@ CASES = {
     "a tune trial's attack run the local Ray can never start": (
         lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\nattack: {num_workers: 2, batch_size: 8}\n",
         "tune: 2 trials × 0.1 CPU leave no room for a trial's attack run (attack: 2 × 1 CPU) on the local Ray's 2"),
+    "a generation and a judge actor that cannot run at once": (
+        lambda t: "study: bad\ncluster: {num_cpus: 2}\ndecoding: {cpus_per_actor: 2}\n",
+        "decoding: a generation actor (2 CPU) and a judge actor (0.25 CPU) need 2.25 CPUs at once; the local Ray has 2"),
+    "a tune trial's pipeline that cannot run": (
+        lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\n"
+                  "decoding: {cpus_per_actor: 1.6}\n",
+        "decoding: a generation actor (1.6 CPU) and a judge actor (0.25 CPU) beside tune's 2 trials × 0.1 CPU need "
+        "2.05 CPUs at once; the local Ray has 2"),
     "empty spec": (lambda t: "", "spec.yaml: the spec is empty: a spec needs at least 'study: NAME'"),
     "empty seed list": (lambda t: "study: bad\nseeds: []\n", "seeds: is empty"),
     "duplicated seeds": (lambda t: "study: bad\nseeds: [1, 2, 1]\n", "seeds: repeats [1]"),

@@ -216,9 +216,10 @@ def check_resources(spec: StudySpec) -> None:
 
 
 def check_decoding(spec: StudySpec) -> None:
-    """The pipeline's pools must fit the local Ray (GPUs that exist, CPUs one actor can get);
-    `decoding.engine: vllm` needs vLLM installed, a model it can load from local files, and (on
-    CPU) a head size its attention kernels take: otherwise the engine fails minutes into a stage."""
+    """The pipeline's pools must fit the local Ray (GPUs that exist, CPUs one actor can get, one
+    actor of each pool at once); `decoding.engine: vllm` needs vLLM installed, a model it can load
+    from local files, and (on CPU) a head size its attention kernels take: otherwise the engine
+    fails minutes into a stage."""
     d = spec.decoding
     if spec.cluster.address is None:
         cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)

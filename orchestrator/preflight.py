@@ -204,15 +204,20 @@ def check_resources(spec: StudySpec) -> None:
         import torch
 
         check_gpus_exist(spec, torch.cuda.device_count())
-    t = spec.tune
+    t, held = spec.tune, trial_cpus(spec)
     # A trial holds its CPUs while it drives an alignment run, then an attack run per task.
     for name, run in (("align_sft", "alignment"), ("attack", "attack")):
         s = getattr(spec, name)
-        held = t.max_concurrent_trials * t.cpus_per_trial
-        if t.enabled and not s.use_gpu and held + s.num_workers * s.cpus_per_worker > cpus:
+        if held and not s.use_gpu and held + s.num_workers * s.cpus_per_worker > cpus:
             raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
                              f"trial's {run} run ({name}: {s.num_workers} × {s.cpus_per_worker:g} CPU) on the local "
                              f"Ray's {cpus} CPUs")
+
+
+def trial_cpus(spec: StudySpec) -> float:
+    """The CPUs Tune's running trials hold for as long as they run (none with tune off)."""
+    t = spec.tune
+    return t.max_concurrent_trials * t.cpus_per_trial if t.enabled else 0
 
 
 def check_decoding(spec: StudySpec) -> None:
@@ -233,13 +238,11 @@ def check_decoding(spec: StudySpec) -> None:
         # A pipeline runs only with one actor of each pool up at once, beside the CPUs Tune's trials
         # hold while one of them decodes; an actor that started first keeps its CPUs while it waits,
         # so whether the other ever starts would depend on which Ray placed first.
-        t = spec.tune
-        held = t.max_concurrent_trials * t.cpus_per_trial if t.enabled else 0
-        if held + d.cpus_per_actor + d.judge_pool.cpus_per_actor > cpus:
+        t, held = spec.tune, trial_cpus(spec)
+        if (need := held + d.cpus_per_actor + d.judge_pool.cpus_per_actor) > cpus:
             trials = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
             raise InputError(f"decoding: a generation actor ({d.cpus_per_actor:g} CPU) and a judge actor "
-                             f"({d.judge_pool.cpus_per_actor:g} CPU){trials} need "
-                             f"{held + d.cpus_per_actor + d.judge_pool.cpus_per_actor:g} CPUs at once; the local "
+                             f"({d.judge_pool.cpus_per_actor:g} CPU){trials} need {need:g} CPUs at once; the local "
                              f"Ray has {cpus} (lower decoding.cpus_per_actor or decoding.judge_pool.cpus_per_actor)")
     if d.engine != "vllm":
         return
@@ -276,13 +279,13 @@ def check_kv_cache(spec: StudySpec) -> None:
     the model's full context unless `decoding.max_model_len` is shorter (Llama-2-7B's 4096
     positions in fp32: 4 GiB, against a default of 0.25), in vLLM's blocks (`plan.vllm_block`);
     otherwise the first evaluation fails as the engine starts, hours into a study."""
-    from orchestrator.plan import GIB, model_config, vllm_context_bytes
+    from orchestrator.plan import GIB, vllm_context_bytes
 
     d = spec.decoding
-    if d.max_model_len and d.max_model_len > (context := model_config(spec).max_position_embeddings):
+    positions, need = vllm_context_bytes(spec)  # positions: max_model_len, cut to the model's context
+    if d.max_model_len and d.max_model_len > positions:
         raise InputError(f"decoding.max_model_len: {d.max_model_len} is longer than the model's context "
-                         f"({context} positions), which vLLM refuses")
-    positions, need = vllm_context_bytes(spec)
+                         f"({positions} positions), which vLLM refuses")
     if need > d.kv_cache_gb * GIB:
         length = "decoding.max_model_len" if d.max_model_len else "the model's full context"
         enough = math.ceil(need / GIB * 100) / 100  # rounded up: the value printed is one that fits

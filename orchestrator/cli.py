@@ -143,7 +143,7 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     s = _load(spec, set_)
     _check_until(until)
     st = StudyStore(store_root(store), s.study)
-    from orchestrator.preflight import check_gpus_exist, check_store, preflight
+    from orchestrator.preflight import check_store, preflight
     from orchestrator.runner import plan
 
     try:  # bad input fails here, before anything is written to the store
@@ -164,10 +164,10 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
 
     def after_ray_start() -> None:
         quiet_libraries(log_file, verbose)
-        if s.cluster.address:  # a cluster's GPUs are known only now; what asks for absent ones would wait forever
-            import ray
+        if s.cluster.address:  # a cluster's nodes are known only now; what none can hold would wait forever
+            from orchestrator.capacity import check_capacity, cluster_capacity
 
-            check_gpus_exist(s, ray.cluster_resources().get("GPU", 0))
+            check_capacity(s, cluster_capacity(s.cluster.address))
 
     try:
         with insistent_ctrl_c():

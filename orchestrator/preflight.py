@@ -170,80 +170,20 @@ def check_memory(spec: StudySpec) -> None:
                          f"{have:.0f} GiB; make the model or the batch smaller")
 
 
-def _has_cuda() -> bool:
-    import torch  # only asked of a spec that uses a GPU: importing torch costs a driver ~1 s
-
-    return torch.cuda.is_available()
-
-
-def training_sections(spec: StudySpec) -> dict:
-    """The sections whose runs go to Ray Train in this study: base only trains the tiny model, and
-    vulnerability only without a groups file."""
-    sections = {"align_sft": spec.align_sft, "attack": spec.attack}
-    if spec.model.source == "tiny":
-        sections["base"] = spec.base
-    if spec.vulnerability.enabled and not spec.vulnerability.groups_file:
-        sections["vulnerability"] = spec.vulnerability
-    return sections
-
-
 def check_resources(spec: StudySpec) -> None:
-    """On a local Ray, a training run that can never get its workers would wait forever (Ray Train
-    retries a worker group that cannot start without a limit): refuse it here, naming the section."""
-    if spec.cluster.address:
-        return  # a cluster's resources are the cluster's; `saferay plan` shows what each run asks
-    cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
-    for name, s in training_sections(spec).items():
-        if s.use_gpu and not _has_cuda():
-            raise InputError(f"{name}.use_gpu: this machine has no GPU for the local Ray")
-        need = s.num_workers * s.cpus_per_worker
-        if not s.use_gpu and need > cpus:
-            raise InputError(f"{name}: {s.num_workers} workers × {s.cpus_per_worker:g} CPU need {need:g} CPUs; the "
-                             f"local Ray has {cpus} (lower {name}.num_workers or {name}.cpus_per_worker)")
-    if gpu_asks(spec) and _has_cuda():
-        import torch
+    """What the study's runs and actors ask fits the local Ray (a cluster's nodes are checked once
+    the driver has joined it: `orchestrator/capacity.py`)."""
+    from orchestrator.capacity import check_capacity, local_capacity
 
-        check_gpus_exist(spec, torch.cuda.device_count())
-    t, held = spec.tune, trial_cpus(spec)
-    # A trial holds its CPUs while it drives an alignment run, then an attack run per task.
-    for name, run in (("align_sft", "alignment"), ("attack", "attack")):
-        s = getattr(spec, name)
-        if held and not s.use_gpu and held + s.num_workers * s.cpus_per_worker > cpus:
-            raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
-                             f"trial's {run} run ({name}: {s.num_workers} × {s.cpus_per_worker:g} CPU) on the local "
-                             f"Ray's {cpus} CPUs")
-
-
-def trial_cpus(spec: StudySpec) -> float:
-    """The CPUs Tune's running trials hold for as long as they run (none with tune off)."""
-    t = spec.tune
-    return t.max_concurrent_trials * t.cpus_per_trial if t.enabled else 0
+    if spec.cluster.address is None:
+        check_capacity(spec, local_capacity(spec))
 
 
 def check_decoding(spec: StudySpec) -> None:
-    """The pipeline's pools must fit the local Ray (GPUs that exist, CPUs one actor can get, one
-    actor of each pool at once); `decoding.engine: vllm` needs vLLM installed, a model it can load
-    from local files, and (on CPU) a head size its attention kernels take: otherwise the engine
-    fails minutes into a stage."""
+    """`decoding.engine: vllm` needs vLLM installed, a model it can load from local files, (on CPU) a
+    head size its attention kernels take, and a KV cache that holds one request: otherwise the
+    engine fails minutes into a stage. (Its pools' resources: `check_resources`.)"""
     d = spec.decoding
-    if spec.cluster.address is None:
-        cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
-        for field, pool in (("decoding", d.generation()), ("decoding.judge_pool", d.judge_pool)):
-            if pool.gpus_per_actor and not _has_cuda():
-                raise InputError(f"{field}.gpus_per_actor: this machine has no GPU for the local Ray "
-                                 f"(set it to 0 to decode and judge on CPUs)")
-            if pool.cpus_per_actor > cpus:  # no actor could ever start: the pipeline would wait forever
-                raise InputError(f"{field}.cpus_per_actor: {pool.cpus_per_actor:g} CPUs per actor; the local Ray "
-                                 f"has {cpus}")
-        # A pipeline runs only with one actor of each pool up at once, beside the CPUs Tune's trials
-        # hold while one of them decodes; an actor that started first keeps its CPUs while it waits,
-        # so whether the other ever starts would depend on which Ray placed first.
-        t, held = spec.tune, trial_cpus(spec)
-        if (need := held + d.cpus_per_actor + d.judge_pool.cpus_per_actor) > cpus:
-            trials = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
-            raise InputError(f"decoding: a generation actor ({d.cpus_per_actor:g} CPU) and a judge actor "
-                             f"({d.judge_pool.cpus_per_actor:g} CPU){trials} need {need:g} CPUs at once; the local "
-                             f"Ray has {cpus} (lower decoding.cpus_per_actor or decoding.judge_pool.cpus_per_actor)")
     if d.engine != "vllm":
         return
     from jobs.engines import vllm_missing
@@ -293,29 +233,6 @@ def check_kv_cache(spec: StudySpec) -> None:
                          f"({positions} positions need at least {enough:.2f} GiB of fp32 KV cache, which vLLM "
                          f"asks for before it starts): raise decoding.kv_cache_gb, or set a shorter "
                          f"decoding.max_model_len")
-
-
-def gpu_asks(spec: StudySpec) -> list[tuple[str, float]]:
-    """What one run or one actor asks of the GPUs: each GPU training section's worker group (one
-    GPU a worker) and each pool's actor, by the field that sets it."""
-    asks = [(f"{name}.num_workers", float(s.num_workers)) for name, s in training_sections(spec).items() if s.use_gpu]
-    asks += [(f"{field}.gpus_per_actor", pool.gpus_per_actor)
-             for field, pool in (("decoding", spec.decoding.generation()), ("decoding.judge_pool", spec.decoding.judge_pool))
-             if pool.gpus_per_actor]
-    return asks
-
-
-def check_gpus_exist(spec: StudySpec, gpus: float) -> None:
-    """A run or an actor asking for more GPUs than the cluster (checked once Ray has joined it) or
-    this machine has would wait for them forever: Ray queues what does not fit yet."""
-    asks, where = gpu_asks(spec), f"the cluster at {spec.cluster.address}" if spec.cluster.address else "the local Ray"
-    if asks and not gpus:
-        fields = ", ".join(f.replace(".num_workers", ".use_gpu") for f, _ in asks)
-        raise InputError(f"{fields}: {where} has no GPU (set them to false / 0, or add GPU nodes)")
-    over = [f"{field} asks for {n:g}" for field, n in asks if n > gpus]
-    if over:
-        raise InputError(f"{'; '.join(over)} GPUs at once: {where} has {gpus:g} "
-                         f"(fewer workers or actors, or add GPU nodes)")
 
 
 def preflight(spec: StudySpec, data_cached: bool) -> None:

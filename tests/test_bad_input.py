@@ -86,6 +86,10 @@ CASES = {
     "a generation and a judge actor that cannot run at once": (
         lambda t: "study: bad\ncluster: {num_cpus: 2}\ndecoding: {cpus_per_actor: 2}\n",
         "decoding: a generation actor (2 CPU) and a judge actor (0.25 CPU) need 2.25 CPUs at once; the local Ray has 2"),
+    "a generation actor bigger than the local Ray": (
+        lambda t: "study: bad\ncluster: {num_cpus: 2}\ndecoding: {cpus_per_actor: 3}\n",
+        "decoding.cpus_per_actor: an actor asks for 3 CPU on one node; no node of the local Ray has that much (the most "
+        "any node has: 2 CPU)"),
     "a tune trial's pipeline that cannot run": (
         lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\n"
                   "decoding: {cpus_per_actor: 1.6}\n",
@@ -105,9 +109,9 @@ CASES = {
     "unreachable tracking server": (lambda t: "study: bad\ntracking: {uri: 'http://127.0.0.1:9'}\n",
                                     "tracking.uri: cannot connect to 127.0.0.1:9"),
     "decoding GPUs the local Ray does not have": (lambda t: "study: bad\ndecoding: {gpus_per_actor: 1}\n",
-                                                   "decoding.gpus_per_actor: this machine has no GPU for the local Ray"),
+                                                   "decoding.gpus_per_actor: the local Ray has no GPU (set it to false / 0)"),
     "a judge pool asking for GPUs": (lambda t: "study: bad\ndecoding: {judge_pool: {gpus_per_actor: 1}}\n",
-                                     "decoding.judge_pool.gpus_per_actor: this machine has no GPU for the local Ray"),
+                                     "decoding.judge_pool.gpus_per_actor: the local Ray has no GPU (set it to false / 0)"),
     "a judge model path that does not exist": (
         lambda t: "study: bad\nevaluate: {judge: beaver-dam, judge_model: /nonexistent/judge}\n",
         "evaluate.judge_model: /nonexistent/judge: no such model directory"),
@@ -195,25 +199,55 @@ def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
         check_decoding(vllm(max_model_len=8192, kv_cache_gb=9))
 
 
+def cluster(*nodes: dict, **total) -> "Capacity":
+    from orchestrator.capacity import Capacity
+
+    return Capacity("the cluster at auto", nodes, total or {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")},
+                    remedy=", or add GPU nodes")
+
+
 def test_gpus_asked_of_a_cluster_without_any_are_named():
-    """On a cluster, what asks for GPUs is checked against `ray.cluster_resources()` once Ray has
-    joined it (the runner calls this); each field that asks is named, nothing is when none asks,
-    and each run or actor that asks for more GPUs than the cluster has is named with its ask."""
+    """On a cluster, what asks for GPUs is checked against its nodes once Ray has joined it (the
+    runner calls this with `cluster_capacity`); each field that asks is named, nothing is when none
+    asks, and each run or actor that asks for more GPUs than the cluster has is named with its ask."""
     from jobs.records import InputError
-    from orchestrator.preflight import check_gpus_exist
+    from orchestrator.capacity import check_capacity
     from orchestrator.spec import StudySpec
 
     spec = StudySpec(cluster={"address": "auto"}, attack={"use_gpu": True},
                      decoding={"judge_pool": {"gpus_per_actor": 1}})
     with pytest.raises(InputError, match=r"^attack.use_gpu, decoding.judge_pool.gpus_per_actor: the cluster at auto "
-                                         r"has no GPU"):
-        check_gpus_exist(spec, 0)
-    check_gpus_exist(spec, 8)
-    check_gpus_exist(StudySpec(cluster={"address": "auto"}), 0)
+                                         r"has no GPU \(set them to false / 0, or add GPU nodes\)"):
+        check_capacity(spec, cluster({"CPU": 8}))
+    check_capacity(spec, cluster({"CPU": 8, "GPU": 8}))
+    check_capacity(StudySpec(cluster={"address": "auto"}), cluster({"CPU": 8}))
     # One run or actor asking for more GPUs than there are would wait forever as well.
     spec = StudySpec(cluster={"address": "auto"}, align_sft={"use_gpu": True, "num_workers": 8, "batch_size": 8},
                      decoding={"gpus_per_actor": 2})
     with pytest.raises(InputError, match=r"^align_sft.num_workers asks for 8; decoding.gpus_per_actor asks for 2 GPUs "
                                          r"at once: the cluster at auto has 1 "):
-        check_gpus_exist(spec, 1)
-    check_gpus_exist(spec, 8)
+        check_capacity(spec, cluster({"CPU": 8, "GPU": 1}))
+    check_capacity(spec, cluster({"CPU": 8, "GPU": 8}))
+
+
+def test_what_no_one_node_of_a_cluster_holds_is_named():
+    """A worker or an actor lives on one node: the cluster's CPUs or GPUs added up are not enough
+    (Ray Train would wait for its worker group without a limit). An autoscaler's node types, where
+    the cluster reports them, count as nodes."""
+    from jobs.records import InputError
+    from orchestrator.capacity import check_capacity
+    from orchestrator.spec import StudySpec
+
+    spec = StudySpec(cluster={"address": "auto"}, attack={"num_workers": 1, "cpus_per_worker": 3})
+    with pytest.raises(InputError, match=r"^attack.cpus_per_worker: a worker asks for 3 CPU on one node; no node of "
+                                         r"the cluster at auto has that much \(the most any node has: 2 CPU\)$"):
+        check_capacity(spec, cluster({"CPU": 2}, {"CPU": 2}))
+    check_capacity(spec, cluster({"CPU": 2}, {"CPU": 4}))
+    # Two GPUs for one actor: eight GPUs on eight nodes hold none of them.
+    spec = StudySpec(cluster={"address": "auto"}, decoding={"gpus_per_actor": 2})
+    with pytest.raises(InputError, match=r"^decoding.gpus_per_actor: an actor asks for 0.5 CPU and 2 GPU on one node"):
+        check_capacity(spec, cluster(*[{"CPU": 4, "GPU": 1}] * 8))
+    # A node that has the CPUs and one that has the GPUs, but none with both.
+    with pytest.raises(InputError, match=r"^decoding.cpus_per_actor, decoding.gpus_per_actor: an actor asks"):
+        check_capacity(spec, cluster({"CPU": 0.25, "GPU": 2}, {"CPU": 8}))
+    check_capacity(spec, cluster({"CPU": 1}, {"CPU": 4, "GPU": 8}))

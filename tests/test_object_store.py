@@ -34,6 +34,31 @@ found += [a.node_id for a in list_actors(address=address, filters=[("job_id", "=
 print(json.dumps(sorted({n for n in found if n})))
 """
 
+# Joins the cluster at argv[1] and checks a study of 8 GPU workers against it before and after an
+# autoscaler's node type (8 GPUs, none started) is reported to Ray, where KubeRay's reports it.
+AUTOSCALED = """
+import json, sys
+import ray
+from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+from ray.experimental.internal_kv import _internal_kv_put
+from orchestrator.capacity import check_capacity, cluster_capacity
+from orchestrator.spec import StudySpec
+ray.init(address=sys.argv[1], logging_level="ERROR")
+spec = StudySpec(cluster={"address": "auto"}, align_sft={"use_gpu": True, "num_workers": 8, "batch_size": 8})
+def verdict():
+    try:
+        check_capacity(spec, cluster_capacity("auto"))
+        return "fits"
+    except Exception as e:
+        return str(e)
+before = verdict()
+group = NodeGroupConfig(name="gpu8", resources={"CPU": 32, "GPU": 8}, min_count=0, max_count=1)
+_internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ClusterConfig(node_group_configs=[group]).SerializeToString(),
+                 namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
+print(json.dumps([before, verdict()]))
+"""
+
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
@@ -174,7 +199,8 @@ def test_a_study_on_two_ray_nodes_with_its_store_in_the_bucket(s3, smoke_store, 
     with its store in the bucket and no filesystem shared on purpose (each node its own cache):
     the job's tasks and actors ran on both nodes (Ray's state API), and what they made equals the
     single-node, local-store smoke study of the same seeds: the data stage's rows, the base and
-    SFT models bit for bit."""
+    SFT models bit for bit. On the same cluster, a worker that no one node holds fails its job as
+    the driver joins, naming the field, and a node type an autoscaler reports to Ray counts."""
     import subprocess
     import sys
 
@@ -189,28 +215,49 @@ def test_a_study_on_two_ray_nodes_with_its_store_in_the_bucket(s3, smoke_store, 
     try:
         node = RayNode(head, num_cpus=2, env={**env, "SAFERAY_CACHE": str(tmp_path / "node-cache")})
         store = f"s3://{s3.bucket}/two-nodes"
-        sub = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(SMOKE), "--address", head.address,
-                              "--store", store, "--until", "align_sft"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, **env, "SAFERAY_CACHE": str(tmp_path / "cli-cache")})
-        assert sub.returncode == 0, sub.stderr
-        job = next(w for w in sub.stdout.split() if w.startswith("saferay-"))
         ray_env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the cluster's token, as the CLI sends it
 
-        def job_status() -> str:
-            out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", job, "--address", head.address,
-                                  "--json"], cwd=ROOT, capture_output=True, text=True, env=ray_env, timeout=120).stdout
+        def cli(*args, **extra_env):
+            return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300, env={**ray_env, **extra_env})
+
+        def submit(*args) -> str:
+            sub = cli("submit", str(SMOKE), "--address", head.address, "--store", store, "--until", "align_sft", *args,
+                      **env, SAFERAY_CACHE=str(tmp_path / "cli-cache"))
+            assert sub.returncode == 0, sub.stderr
+            return next(w for w in sub.stdout.split() if w.startswith("saferay-"))
+
+        def job_status(job: str) -> str:
+            out = cli("status", job, "--address", head.address, "--json").stdout
             return json.loads(out)["status"] if out.strip() else ""
 
-        wait_for(lambda: job_status() in ("SUCCEEDED", "FAILED", "STOPPED"), timeout=900, what="the job's end")
-        logs = subprocess.run([sys.executable, "-m", "orchestrator.cli", "logs", job, "--address", head.address],
-                              cwd=ROOT, capture_output=True, text=True, env=ray_env, timeout=120).stdout
-        assert job_status() == "SUCCEEDED", logs[-3000:]
+        def ended(job: str, timeout: float = 900) -> str:
+            wait_for(lambda: job_status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), timeout=timeout, what="the job's end")
+            return job_status(job)
+
+        def logs(job: str) -> str:
+            return cli("logs", job, "--address", head.address).stdout
+
+        job = submit()
+        assert ended(job) == "SUCCEEDED", logs(job)[-3000:]
         # Where the job's tasks and actors ran, from Ray's state API (in a process of its own: the
         # token mode is read when Ray is first imported).
         nodes = subprocess.run([sys.executable, "-c", NODES_OF_JOB, head.address, job], capture_output=True, text=True,
                                env=ray_env, timeout=120)
         ran = set(json.loads(nodes.stdout or "[]"))
         assert len(ran) == 2, f"the job ran on {ran}: {nodes.stderr[-2000:]}"
+
+        # A worker that no one node holds, though the two together have its CPUs (1 + 2): Ray Train
+        # would wait for it forever; the job ends as it joins the cluster, naming the field.
+        big = submit("--set", "study=too-big", "--set", "align_sft.num_workers=1", "--set", "align_sft.cpus_per_worker=2.5")
+        assert ended(big, timeout=300) == "FAILED", logs(big)[-3000:]
+        assert ("align_sft.cpus_per_worker: a worker asks for 2.5 CPU on one node; no node of the cluster at auto has "
+                "that much (the most any node has: 2 CPU)") in logs(big), logs(big)[-3000:]
+        # Node types an autoscaler can add count where the cluster reports them to Ray.
+        seen = subprocess.run([sys.executable, "-c", AUTOSCALED, head.gcs], cwd=ROOT, capture_output=True, text=True,
+                              env=ray_env, timeout=120)
+        assert json.loads(seen.stdout or "[]") == [
+            "align_sft.use_gpu: the cluster at auto has no GPU (set it to false / 0, or add GPU nodes)", "fits"], seen.stderr
     finally:
         if node is not None:
             node.stop()

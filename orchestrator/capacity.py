@@ -1,66 +1,111 @@
 """Whether Ray can ever give a study what its runs and actors ask for. Ray queues what does not fit
 yet, and Ray Train retries a worker group that cannot start without a limit, so a worker or an
-actor that no node can hold, or a run that all the nodes together cannot hold, waits forever.
-These checks refuse it first, naming the field that asks: for the local Ray in preflight, and for
-a cluster once the driver has joined it (its nodes are known only then)."""
+actor that no node can hold, or a set of them that must be up at once and that the nodes cannot
+hold together, waits forever. These checks refuse it first, naming the field that asks: for the
+local Ray in preflight, and for a cluster once the driver has joined it (its nodes are known only
+then; `cluster.autoscaling` turns the refusal into a warning where nodes are still to come)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from jobs.records import InputError
 from orchestrator.spec import StudySpec
 
+# Node types an autoscaler reports count as this many nodes at most (max_count -1: no limit).
+AUTOSCALED_NODES = 16
+# Placing mixed bundles is a search; past this many steps the check gives up and does not refuse.
+SEARCH_STEPS = 100_000
+
 
 @dataclass(frozen=True)
 class Capacity:
-    """What Ray has to give: each node's CPUs and GPUs (and each node type an autoscaler may add,
-    where the cluster reports them), and all of them together."""
+    """What Ray has to give: each node's CPUs and GPUs (and the nodes an autoscaler may add, where
+    the cluster reports them), and all of them together."""
     where: str  # "the local Ray", "the cluster at auto": how messages name it
     nodes: tuple[dict, ...]
-    total: dict
     remedy: str = ""  # what else a user can do about a missing GPU there
+
+    @property
+    def total(self) -> dict:
+        return {k: sum(node.get(k, 0) for node in self.nodes) for k in ("CPU", "GPU")}
 
     def most(self, resource: str) -> float:
         return max((node.get(resource, 0) for node in self.nodes), default=0)
 
     def holds(self, ask: dict) -> bool:
         """Some one node has all of `ask` (a worker or an actor lives on one node)."""
-        return any(all(node.get(k, 0) >= v for k, v in ask.items() if v) for node in self.nodes)
+        return self.fits([ask])
+
+    def fits(self, bundles: list[dict]) -> bool:
+        """All of `bundles` at once, each on one node, as Ray places workers and actors. Exact:
+        counted for bundles all alike (a run's workers), searched for mixed ones."""
+        bundles = [b for b in ({k: v for k, v in b.items() if v} for b in bundles) if b]
+        if not bundles:
+            return True
+        if all(b == bundles[0] for b in bundles):
+            ask = bundles[0]
+            return sum(min(_times(node.get(k, 0), v) for k, v in ask.items()) for node in self.nodes) >= len(bundles)
+        return _place(sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True),
+                      [dict(node) for node in self.nodes], [SEARCH_STEPS])
+
+
+def _times(have: float, each: float) -> int:
+    return math.floor(have / each + 1e-9)  # 0.3 CPUs hold three of 0.1, floats notwithstanding
+
+
+def _place(bundles: list[dict], free: list[dict], steps: list[int]) -> bool:
+    if not bundles:
+        return True
+    steps[0] -= 1
+    if steps[0] < 0:
+        return True  # too many ways to try: no refusal on a guess
+    first, tried = bundles[0], set()
+    for node in free:
+        state = tuple(sorted(node.items()))
+        if state in tried or any(node.get(k, 0) + 1e-9 < v for k, v in first.items()):
+            continue  # a node left as another already tried places the rest no better
+        tried.add(state)
+        for k, v in first.items():
+            node[k] -= v
+        placed = _place(bundles[1:], free, steps)
+        for k, v in first.items():
+            node[k] += v
+        if placed:
+            return True
+    return False
 
 
 def local_capacity(spec: StudySpec) -> Capacity:
     cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
     gpus = _cuda_devices() if gpu_asks(spec) else 0  # importing torch costs a driver ~1 s: only if asked
-    node = {"CPU": cpus, "GPU": gpus}
-    return Capacity("the local Ray", (node,), node)
+    return Capacity("the local Ray", ({"CPU": cpus, "GPU": gpus},))
 
 
 def cluster_capacity(address: str) -> Capacity:
     """The alive nodes of the cluster Ray has joined, and the node types an autoscaler could add
     where they were reported to Ray's GCS (the cluster config that Ray Train's own check reads).
-    Nothing in Ray 2.60 reports them, so there a node type scaled to zero is not seen
-    (`cluster/README.md`)."""
+    Nothing in Ray 2.60 reports them: `cluster.autoscaling` is how a user says nodes will come."""
     import ray
 
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
-    total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
-    config = _autoscaler_config()
-    if config is not None:
-        nodes += [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
-        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
-        total = {k: max(v, most.get(k, 0)) for k, v in total.items()}
-    return Capacity(f"the cluster at {address}", tuple(nodes), total, remedy=", or add GPU nodes")
+    nodes = [{k: n["Resources"].get(k, 0) for k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
+    return Capacity(f"the cluster at {address}", tuple(nodes + _autoscaled_nodes()), remedy=", or add GPU nodes")
 
 
-def _autoscaler_config():
+def _autoscaled_nodes() -> list[dict]:
     import ray
 
     try:
-        return ray._private.state.state.get_cluster_config()
+        config = ray._private.state.state.get_cluster_config()
+        if config is None:
+            return []
+        return [{k: group.resources.get(k, 0) for k in ("CPU", "GPU")}
+                for group in config.node_group_configs if group.max_count != 0
+                for _ in range(AUTOSCALED_NODES if group.max_count < 0 else min(group.max_count, AUTOSCALED_NODES))]
     except Exception:  # noqa: BLE001 - a private API: without it, the nodes alone are what is known
-        return None
+        return []
 
 
 def _cuda_devices() -> int:
@@ -71,7 +116,8 @@ def _cuda_devices() -> int:
 
 def training_sections(spec: StudySpec) -> dict:
     """The sections whose runs go to Ray Train in this study: base only trains the tiny model, and
-    vulnerability only without a groups file."""
+    vulnerability only without a groups file. (VAA, the defences, the over-aligned model and Tune's
+    trials train with align_sft's scaling.)"""
     sections = {"align_sft": spec.align_sft, "attack": spec.attack}
     if spec.model.source == "tiny":
         sections["base"] = spec.base
@@ -83,6 +129,10 @@ def training_sections(spec: StudySpec) -> dict:
 def worker_ask(section) -> dict:
     """What Ray Train asks of a node for one worker (`jobs/launch.py`: one GPU, or the CPUs)."""
     return {"GPU": 1} if section.use_gpu else {"CPU": section.cpus_per_worker}
+
+
+def actor_ask(pool) -> dict:
+    return {"CPU": pool.cpus_per_actor, "GPU": pool.gpus_per_actor}
 
 
 def pools(spec: StudySpec) -> dict:
@@ -98,21 +148,33 @@ def gpu_asks(spec: StudySpec) -> list[tuple[str, float]]:
                    if pool.gpus_per_actor]
 
 
-def trial_cpus(spec: StudySpec) -> float:
-    """The CPUs Tune's running trials hold for as long as they run (none with tune off)."""
+def trials(spec: StudySpec) -> list[dict]:
+    """The bundles Tune's running trials hold for as long as they run (none with tune off)."""
     t = spec.tune
-    return t.max_concurrent_trials * t.cpus_per_trial if t.enabled else 0
+    return [{"CPU": t.cpus_per_trial}] * t.max_concurrent_trials if t.enabled else []
 
 
 def check_capacity(spec: StudySpec, cap: Capacity) -> None:
     check_gpus(spec, cap)
     check_nodes(spec, cap)
-    check_totals(spec, cap)
+    check_together(spec, cap)
+
+
+def check_cluster(spec: StudySpec, cap: Capacity) -> str | None:
+    """`check_capacity` on a cluster's nodes; with `cluster.autoscaling`, what does not fit yet is
+    a warning to show (the autoscaler may add the nodes it needs), not a refusal."""
+    try:
+        check_capacity(spec, cap)
+    except InputError as e:
+        if not spec.cluster.autoscaling:
+            raise
+        return f"{e}; cluster.autoscaling is on, so the study waits for the autoscaler to add nodes"
+    return None
 
 
 def check_gpus(spec: StudySpec, cap: Capacity) -> None:
     """A run or an actor asking for GPUs that are not there, or for more at once than there are."""
-    asks, gpus = gpu_asks(spec), cap.total.get("GPU", 0)
+    asks, gpus = gpu_asks(spec), cap.total["GPU"]
     if asks and not gpus:
         fields = [f.replace(".num_workers", ".use_gpu") for f, _ in asks]
         them = "it" if len(fields) == 1 else "them"
@@ -124,11 +186,18 @@ def check_gpus(spec: StudySpec, cap: Capacity) -> None:
 
 
 def check_nodes(spec: StudySpec, cap: Capacity) -> None:
-    """Each worker and each actor fits on some one node."""
-    shapes = [(name, "a worker", worker_ask(s), {"CPU": "cpus_per_worker", "GPU": "use_gpu"})
-              for name, s in training_sections(spec).items()]
-    shapes += [(field, "an actor", {"CPU": pool.cpus_per_actor, "GPU": pool.gpus_per_actor},
-                {"CPU": "cpus_per_actor", "GPU": "gpus_per_actor"}) for field, pool in pools(spec).items()]
+    """Each worker, each actor, each Tune trial and each debias task fits on some one node."""
+    worker, actor = {"CPU": "cpus_per_worker", "GPU": "use_gpu"}, {"CPU": "cpus_per_actor", "GPU": "gpus_per_actor"}
+    shapes = [(name, "a worker", worker_ask(s), worker) for name, s in training_sections(spec).items()]
+    shapes += [(field, "an actor", actor_ask(pool), actor) for field, pool in pools(spec).items()]
+    if spec.tune.enabled:
+        shapes.append(("tune", "a trial", {"CPU": spec.tune.cpus_per_trial}, {"CPU": "cpus_per_trial"}))
+    if spec.debias.enabled:
+        from orchestrator.stages.debias import bias_task
+
+        cpus, gpus = bias_task(spec)
+        shapes.append(("decoding", "a debias bias-estimation task (from the generation actor's)",
+                       {"CPU": cpus, "GPU": gpus}, actor))
     for section, what, ask, fields in shapes:
         ask = {k: n for k, n in ask.items() if n}
         if cap.holds(ask):
@@ -140,26 +209,46 @@ def check_nodes(spec: StudySpec, cap: Capacity) -> None:
                          f"node; no node of {cap.where} has that much (the most any node has: {most})")
 
 
-def check_totals(spec: StudySpec, cap: Capacity) -> None:
-    """What must run at once fits all the nodes together: a run's workers; a trial's run beside the
-    CPUs Tune's trials hold; a generation actor and a judge actor (the pipeline runs only with one
-    of each up, and one that started first keeps its CPUs while it waits for the other)."""
-    cpus = cap.total.get("CPU", 0)
+def check_together(spec: StudySpec, cap: Capacity) -> None:
+    """What must be up at once fits the nodes at once: a run's workers; a trial's run beside the
+    CPUs Tune's trials hold; a generation actor and a judge actor beside them (the pipeline runs
+    only with one of each up, and one that started first keeps its resources while it waits)."""
+    cpus, held = cap.total["CPU"], trials(spec)
     for name, s in training_sections(spec).items():
-        need = s.num_workers * s.cpus_per_worker
-        if not s.use_gpu and need > cpus:
-            raise InputError(f"{name}: {s.num_workers} workers × {s.cpus_per_worker:g} CPU need {need:g} CPUs; "
-                             f"{cap.where} has {cpus:g} (lower {name}.num_workers or {name}.cpus_per_worker)")
-    t, held = spec.tune, trial_cpus(spec)
+        if not cap.fits([worker_ask(s)] * s.num_workers):
+            raise InputError(f"{name}: {s.num_workers} workers × {_words(worker_ask(s))} "
+                             f"{_short(cap, [worker_ask(s)] * s.num_workers)} "
+                             f"(lower {name}.num_workers or {name}.{'use_gpu' if s.use_gpu else 'cpus_per_worker'})")
+    t = spec.tune
     for name, run in (("align_sft", "alignment"), ("attack", "attack")):
         s = getattr(spec, name)
-        if held and not s.use_gpu and held + s.num_workers * s.cpus_per_worker > cpus:
+        if held and not cap.fits(held + [worker_ask(s)] * s.num_workers):
             raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
-                             f"trial's {run} run ({name}: {s.num_workers} × {s.cpus_per_worker:g} CPU) on "
-                             f"{cap.where}'s {cpus:g} CPUs")
+                             f"trial's {run} run ({name}: {s.num_workers} × {_words(worker_ask(s))}) on "
+                             f"{cap.where}'s {_have(cap, cpus)}")
     d = spec.decoding
-    if (need := held + d.cpus_per_actor + d.judge_pool.cpus_per_actor) > cpus:
-        trials = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
-        raise InputError(f"decoding: a generation actor ({d.cpus_per_actor:g} CPU) and a judge actor "
-                         f"({d.judge_pool.cpus_per_actor:g} CPU){trials} need {need:g} CPUs at once; {cap.where} "
-                         f"has {cpus:g} (lower decoding.cpus_per_actor or decoding.judge_pool.cpus_per_actor)")
+    pair = [actor_ask(d.generation()), actor_ask(d.judge_pool)]
+    if not cap.fits(held + pair):
+        beside = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
+        raise InputError(f"decoding: a generation actor ({_words(pair[0])}) and a judge actor ({_words(pair[1])})"
+                         f"{beside} {_short(cap, held + pair)} (lower decoding.cpus_per_actor or "
+                         f"decoding.judge_pool.cpus_per_actor)")
+
+
+def _words(ask: dict) -> str:
+    return ", ".join(f"{n:g} {k}" for k, n in ask.items() if n) or "nothing"
+
+
+def _have(cap: Capacity, cpus: float) -> str:
+    return f"{cpus:g} CPUs" + (f" on {len(cap.nodes)} nodes" if len(cap.nodes) > 1 else "")
+
+
+def _short(cap: Capacity, bundles: list[dict]) -> str:
+    """Why `bundles` do not fit: more than all the nodes have, or the nodes' sizes."""
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+    over = [k for k in ("CPU", "GPU") if need[k] > cap.total[k] + 1e-9]
+    if over:
+        return (f"need {' and '.join(f'{need[k]:g} {k}s' for k in over)} at once; {cap.where} has "
+                f"{' and '.join(f'{cap.total[k]:g}' for k in over)}")
+    sizes = ", ".join(_words(node) for node in cap.nodes[:8]) + (", …" if len(cap.nodes) > 8 else "")
+    return f"do not fit on {cap.where}'s nodes at once ({sizes}), though they add up to enough"

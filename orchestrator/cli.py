@@ -165,9 +165,11 @@ def run(spec: Path, set_: list[str] = typer.Option([], "--set", help="Override a
     def after_ray_start() -> None:
         quiet_libraries(log_file, verbose)
         if s.cluster.address:  # a cluster's nodes are known only now; what none can hold would wait forever
-            from orchestrator.capacity import check_capacity, cluster_capacity
+            from orchestrator.capacity import check_cluster, cluster_capacity
 
-            check_capacity(s, cluster_capacity(s.cluster.address))
+            if warning := check_cluster(s, cluster_capacity(s.cluster.address)):
+                logging.getLogger("saferay").warning(warning)
+                err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
     try:
         with insistent_ctrl_c():

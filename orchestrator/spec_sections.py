@@ -482,6 +482,9 @@ class TrackingSpec(Strict):
 class ClusterSpec(Strict):
     address: str | None = None  # None: an embedded local Ray; "auto" or host:port joins a cluster
     num_cpus: int | None = Field(None, ge=1)
+    # The cluster's autoscaler adds nodes as runs ask (and does not report its node types to Ray):
+    # what the nodes up when the study joins cannot hold is then a warning, not a refusal.
+    autoscaling: bool = False
     # Where Ray Train keeps checkpoints: a shared filesystem path or an object-store URI
     # (s3://, gs://) that every node reaches. Default: <store>/ray.
     storage_path: str | None = None

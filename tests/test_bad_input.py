@@ -76,7 +76,7 @@ CASES = {
                                    "model.tiny: training needs about"),
     "a run the local Ray can never start": (
         lambda t: "study: bad\nalign_sft: {num_workers: 256, batch_size: 256}\n",
-        "align_sft: 256 workers × 0.5 CPU need 128 CPUs; the local Ray has"),
+        "align_sft: 256 workers × 0.5 CPU need 128 CPUs at once; the local Ray has"),
     "a tune trial's alignment run the local Ray can never start": (
         lambda t: "study: bad\ncluster: {num_cpus: 2}\ntune: {enabled: true, space: {vaa.rho: {type: grid, values: [1]}}}\nalign_sft: {cpus_per_worker: 1}\n",
         "tune: 2 trials × 0.1 CPU leave no room for a trial's alignment run (align_sft: 2 × 1 CPU) on the local Ray's 2"),
@@ -199,11 +199,10 @@ def test_a_kv_cache_too_small_for_one_full_context_request_is_refused(tmp_path):
         check_decoding(vllm(max_model_len=8192, kv_cache_gb=9))
 
 
-def cluster(*nodes: dict, **total) -> "Capacity":
+def cluster(*nodes: dict) -> "Capacity":
     from orchestrator.capacity import Capacity
 
-    return Capacity("the cluster at auto", nodes, total or {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")},
-                    remedy=", or add GPU nodes")
+    return Capacity("the cluster at auto", nodes, remedy=", or add GPU nodes")
 
 
 def test_gpus_asked_of_a_cluster_without_any_are_named():
@@ -231,9 +230,8 @@ def test_gpus_asked_of_a_cluster_without_any_are_named():
 
 
 def test_what_no_one_node_of_a_cluster_holds_is_named():
-    """A worker or an actor lives on one node: the cluster's CPUs or GPUs added up are not enough
-    (Ray Train would wait for its worker group without a limit). An autoscaler's node types, where
-    the cluster reports them, count as nodes."""
+    """A worker, an actor or a Tune trial lives on one node: the cluster's CPUs or GPUs added up
+    are not enough (Ray Train would wait for its worker group without a limit)."""
     from jobs.records import InputError
     from orchestrator.capacity import check_capacity
     from orchestrator.spec import StudySpec
@@ -251,3 +249,66 @@ def test_what_no_one_node_of_a_cluster_holds_is_named():
     with pytest.raises(InputError, match=r"^decoding.cpus_per_actor, decoding.gpus_per_actor: an actor asks"):
         check_capacity(spec, cluster({"CPU": 0.25, "GPU": 2}, {"CPU": 8}))
     check_capacity(spec, cluster({"CPU": 1}, {"CPU": 4, "GPU": 8}))
+    # A Tune trial holds its CPUs on one node too.
+    spec = StudySpec(cluster={"address": "auto"}, tune={"enabled": True, "cpus_per_trial": 5,
+                                                        "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
+    with pytest.raises(InputError, match=r"^tune.cpus_per_trial: a trial asks for 5 CPU on one node"):
+        check_capacity(spec, cluster(*[{"CPU": 4}] * 4))
+    # The debias stage's bias-estimation task takes at least one whole CPU, whatever an actor takes.
+    spec = StudySpec(cluster={"address": "auto"}, debias={"enabled": True}, attack={"cpus_per_worker": 0.5},
+                     base={"cpus_per_worker": 0.5}, vulnerability={"cpus_per_worker": 0.5})
+    with pytest.raises(InputError, match=r"^decoding.cpus_per_actor: a debias bias-estimation task \(from the "
+                                         r"generation actor's\) asks for 1 CPU on one node"):
+        check_capacity(spec, cluster(*[{"CPU": 0.75}] * 4))
+    check_capacity(spec.model_copy(update={"debias": spec.debias.model_copy(update={"enabled": False})}),
+                   cluster(*[{"CPU": 0.75}] * 4))
+
+
+def test_what_a_cluster_holds_only_spread_over_its_nodes_is_named():
+    """Workers (or actors) that must be up at once and that each fit a node, adding up to no
+    more than the cluster has, can still not fit together: three workers of 2.5 CPUs on two
+    nodes of 4, one a node. So can two GPU actors on one GPU."""
+    from jobs.records import InputError
+    from orchestrator.capacity import check_capacity
+    from orchestrator.spec import StudySpec
+
+    spec = StudySpec(cluster={"address": "auto"}, attack={"num_workers": 3, "cpus_per_worker": 2.5, "batch_size": 3})
+    with pytest.raises(InputError, match=r"^attack: 3 workers × 2.5 CPU do not fit on the cluster at auto's nodes at "
+                                         r"once \(4 CPU, 4 CPU\), though they add up to enough"):
+        check_capacity(spec, cluster({"CPU": 4}, {"CPU": 4}))
+    check_capacity(spec, cluster({"CPU": 4}, {"CPU": 5}))
+    # The pipeline's two actors, each a GPU, on one GPU: checked per actor, each fitted.
+    spec = StudySpec(cluster={"address": "auto"}, decoding={"gpus_per_actor": 1, "judge_pool": {"gpus_per_actor": 1}})
+    with pytest.raises(InputError, match=r"^decoding: a generation actor \(0.5 CPU, 1 GPU\) and a judge actor "
+                                         r"\(0.25 CPU, 1 GPU\) need 2 GPUs at once; the cluster at auto has 1 "):
+        check_capacity(spec, cluster({"CPU": 8, "GPU": 1}))
+    check_capacity(spec, cluster({"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}))
+    # Mixed bundles are placed by a search: a trial's CPUs beside a run's workers.
+    spec = StudySpec(cluster={"address": "auto"}, align_sft={"num_workers": 2, "cpus_per_worker": 3},
+                     tune={"enabled": True, "cpus_per_trial": 2.5, "max_concurrent_trials": 2,
+                           "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
+    with pytest.raises(InputError, match=r"^tune: 2 trials × 2.5 CPU leave no room for a trial's alignment run "
+                                         r"\(align_sft: 2 × 3 CPU\) on the cluster at auto's 12 CPUs on 3 nodes"):
+        check_capacity(spec, cluster({"CPU": 4}, {"CPU": 4}, {"CPU": 4}))  # 11 CPUs asked, but 1 + 1 + 4 left
+    check_capacity(spec, cluster({"CPU": 4}, {"CPU": 4}, {"CPU": 5}))
+    # Placed by trying, not by filling the first node that fits: 4, 3 and 3 CPUs do go on nodes of
+    # 6 and 4 (the 4 on the 4), though the 4 put first on the 6 would leave the last 3 nowhere.
+    spec = StudySpec(cluster={"address": "auto"}, decoding={"cpus_per_actor": 4, "judge_pool": {"cpus_per_actor": 3}},
+                     tune={"enabled": True, "cpus_per_trial": 3, "max_concurrent_trials": 1,
+                           "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
+    check_capacity(spec, cluster({"CPU": 6}, {"CPU": 4}))
+
+
+def test_an_autoscaling_cluster_warns_instead():
+    """With `cluster.autoscaling`, what the nodes up now cannot hold is a warning (the autoscaler
+    may add nodes); without it, the same is refused."""
+    from jobs.records import InputError
+    from orchestrator.capacity import check_cluster
+    from orchestrator.spec import StudySpec
+
+    gpus = {"align_sft": {"use_gpu": True, "num_workers": 8, "batch_size": 8}}
+    with pytest.raises(InputError, match="has no GPU"):
+        check_cluster(StudySpec(cluster={"address": "auto"}, **gpus), cluster({"CPU": 8}))
+    warning = check_cluster(StudySpec(cluster={"address": "auto", "autoscaling": True}, **gpus), cluster({"CPU": 8}))
+    assert warning.startswith("align_sft.use_gpu: the cluster at auto has no GPU") and "autoscaler" in warning
+    assert check_cluster(StudySpec(cluster={"address": "auto", "autoscaling": True}), cluster({"CPU": 8})) is None

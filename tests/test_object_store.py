@@ -34,8 +34,8 @@ found += [a.node_id for a in list_actors(address=address, filters=[("job_id", "=
 print(json.dumps(sorted({n for n in found if n})))
 """
 
-# Joins the cluster at argv[1] and checks a study of 8 GPU workers against it before and after an
-# autoscaler's node type (8 GPUs, none started) is reported to Ray, where KubeRay's reports it.
+# Joins the cluster at argv[1] and checks a study of 8 GPU workers against it before and after a
+# node type of 8 GPUs, none started, is reported to Ray's GCS as an autoscaler may report it.
 AUTOSCALED = """
 import json, sys
 import ray

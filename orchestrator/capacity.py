@@ -40,8 +40,10 @@ class Capacity:
         return self.fits([ask])
 
     def fits(self, bundles: list[dict]) -> bool:
-        """All of `bundles` at once, each on one node, as Ray places workers and actors. Exact:
-        counted for bundles all alike (a run's workers), searched for mixed ones."""
+        """All of `bundles` at once, each on one node, as Ray places workers and actors: counted
+        for bundles all alike (a run's workers), searched for mixed ones (exact unless the search
+        runs past SEARCH_STEPS, where it does not refuse). Whether Ray finds that placement is
+        Ray's: this refuses only what no placement holds."""
         bundles = [b for b in ({k: v for k, v in b.items() if v} for b in bundles) if b]
         if not bundles:
             return True
@@ -56,21 +58,28 @@ def _times(have: float, each: float) -> int:
     return math.floor(have / each + 1e-9)  # 0.3 CPUs hold three of 0.1, floats notwithstanding
 
 
-def _place(bundles: list[dict], free: list[dict], steps: list[int]) -> bool:
+def _place(bundles: list[dict], free: list[dict], steps: list[int], start: int = 0) -> bool:
+    """Place `bundles` (largest first) on the `free` nodes, trying each node for the first one; a
+    bundle like the one before it goes on that one's node or a later one (the same placements,
+    not each of their orders)."""
     if not bundles:
         return True
+    if any(sum(b.get(k, 0) for b in bundles) > sum(n.get(k, 0) for n in free) + 1e-9 for k in ("CPU", "GPU")):
+        return False  # more than is left on all the nodes: no order of trying helps
     steps[0] -= 1
     if steps[0] < 0:
         return True  # too many ways to try: no refusal on a guess
     first, tried = bundles[0], set()
-    for node in free:
+    alike = len(bundles) > 1 and bundles[1] == first
+    for i in range(start, len(free)):
+        node = free[i]
         state = tuple(sorted(node.items()))
         if state in tried or any(node.get(k, 0) + 1e-9 < v for k, v in first.items()):
             continue  # a node left as another already tried places the rest no better
         tried.add(state)
         for k, v in first.items():
-            node[k] -= v
-        placed = _place(bundles[1:], free, steps)
+            node[k] = node.get(k, 0) - v
+        placed = _place(bundles[1:], free, steps, i if alike else 0)
         for k, v in first.items():
             node[k] += v
         if placed:
@@ -95,6 +104,8 @@ def cluster_capacity(address: str) -> Capacity:
 
 
 def _autoscaled_nodes() -> list[dict]:
+    """Each reported node type's nodes, up to its `max_count` (those already up are counted again
+    among the alive nodes: lenient, as a check that must not refuse what could run)."""
     import ray
 
     try:
@@ -148,10 +159,15 @@ def gpu_asks(spec: StudySpec) -> list[tuple[str, float]]:
                    if pool.gpus_per_actor]
 
 
-def trials(spec: StudySpec) -> list[dict]:
-    """The bundles Tune's running trials hold for as long as they run (none with tune off)."""
+def trials(spec: StudySpec, cap: Capacity) -> list[dict]:
+    """The bundles Tune's running trials hold for as long as they run (none with tune off): as
+    many as `tune.max_concurrent_trials`, or as fit (Tune starts what fits, the rest wait)."""
     t = spec.tune
-    return [{"CPU": t.cpus_per_trial}] * t.max_concurrent_trials if t.enabled else []
+    if not t.enabled:
+        return []
+    trial = {"CPU": t.cpus_per_trial}
+    running = next(n for n in range(t.max_concurrent_trials, -1, -1) if cap.fits([trial] * n))
+    return [trial] * running
 
 
 def check_capacity(spec: StudySpec, cap: Capacity) -> None:
@@ -167,7 +183,8 @@ def check_cluster(spec: StudySpec, cap: Capacity) -> str | None:
         check_capacity(spec, cap)
     except InputError as e:
         if not spec.cluster.autoscaling:
-            raise
+            raise InputError(f"{e} (a cluster whose autoscaler adds nodes as runs ask: set cluster.autoscaling: "
+                             f"true)") from None
         return f"{e}; cluster.autoscaling is on, so the study waits for the autoscaler to add nodes"
     return None
 
@@ -196,8 +213,8 @@ def check_nodes(spec: StudySpec, cap: Capacity) -> None:
         from orchestrator.stages.debias import bias_task
 
         cpus, gpus = bias_task(spec)
-        shapes.append(("decoding", "a debias bias-estimation task (from the generation actor's)",
-                       {"CPU": cpus, "GPU": gpus}, actor))
+        shapes.append(("debias", "a bias-estimation task (a whole CPU at least, and a GPU where the generation "
+                       "actors have one)", {"CPU": cpus, "GPU": gpus}, {"CPU": "enabled", "GPU": "enabled"}))
     for section, what, ask, fields in shapes:
         ask = {k: n for k, n in ask.items() if n}
         if cap.holds(ask):
@@ -205,50 +222,54 @@ def check_nodes(spec: StudySpec, cap: Capacity) -> None:
         short = [k for k, n in ask.items() if n > cap.most(k)] or list(ask)  # or no one node has them all
         asked = " and ".join(f"{n:g} {k}" for k, n in ask.items())
         most = " and ".join(f"{cap.most(k):g} {k}" for k in ask)
-        raise InputError(f"{', '.join(f'{section}.{fields[k]}' for k in short)}: {what} asks for {asked} on one "
+        named = dict.fromkeys(f"{section}.{fields[k]}" for k in short)  # in order, once each
+        raise InputError(f"{', '.join(named)}: {what} asks for {asked} on one "
                          f"node; no node of {cap.where} has that much (the most any node has: {most})")
 
 
 def check_together(spec: StudySpec, cap: Capacity) -> None:
     """What must be up at once fits the nodes at once: a run's workers; a trial's run beside the
-    CPUs Tune's trials hold; a generation actor and a judge actor beside them (the pipeline runs
+    trials Tune keeps running; a generation actor and a judge actor beside them (the pipeline runs
     only with one of each up, and one that started first keeps its resources while it waits)."""
-    cpus, held = cap.total["CPU"], trials(spec)
+    held = trials(spec, cap)
     for name, s in training_sections(spec).items():
-        if not cap.fits([worker_ask(s)] * s.num_workers):
-            raise InputError(f"{name}: {s.num_workers} workers × {_words(worker_ask(s))} "
-                             f"{_short(cap, [worker_ask(s)] * s.num_workers)} "
-                             f"(lower {name}.num_workers or {name}.{'use_gpu' if s.use_gpu else 'cpus_per_worker'})")
+        workers = [worker_ask(s)] * s.num_workers
+        if not cap.fits(workers):
+            short, over = _short(cap, workers)
+            raise InputError(f"{name}: {s.num_workers} workers × {_words(worker_ask(s))} {short} (lower "
+                             f"{name}.num_workers{cap.remedy if 'GPU' in over else f' or {name}.cpus_per_worker'})")
     t = spec.tune
     for name, run in (("align_sft", "alignment"), ("attack", "attack")):
         s = getattr(spec, name)
         if held and not cap.fits(held + [worker_ask(s)] * s.num_workers):
-            raise InputError(f"tune: {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU leave no room for a "
-                             f"trial's {run} run ({name}: {s.num_workers} × {_words(worker_ask(s))}) on "
-                             f"{cap.where}'s {_have(cap, cpus)}")
+            raise InputError(f"tune: {len(held)} trials × {t.cpus_per_trial:g} CPU leave no room for a trial's {run} "
+                             f"run ({name}: {s.num_workers} × {_words(worker_ask(s))}) on {cap.where}'s "
+                             f"{_have(cap)} (lower tune.max_concurrent_trials or tune.cpus_per_trial)")
     d = spec.decoding
     pair = [actor_ask(d.generation()), actor_ask(d.judge_pool)]
     if not cap.fits(held + pair):
-        beside = f" beside tune's {t.max_concurrent_trials} trials × {t.cpus_per_trial:g} CPU" if held else ""
+        beside = f" beside tune's {len(held)} trials × {t.cpus_per_trial:g} CPU" if held else ""
+        short, over = _short(cap, held + pair)
+        knob = "gpus" if over == ["GPU"] else "cpus"
         raise InputError(f"decoding: a generation actor ({_words(pair[0])}) and a judge actor ({_words(pair[1])})"
-                         f"{beside} {_short(cap, held + pair)} (lower decoding.cpus_per_actor or "
-                         f"decoding.judge_pool.cpus_per_actor)")
+                         f"{beside} {short} (lower decoding.{knob}_per_actor or decoding.judge_pool.{knob}_per_actor)")
 
 
 def _words(ask: dict) -> str:
     return ", ".join(f"{n:g} {k}" for k, n in ask.items() if n) or "nothing"
 
 
-def _have(cap: Capacity, cpus: float) -> str:
-    return f"{cpus:g} CPUs" + (f" on {len(cap.nodes)} nodes" if len(cap.nodes) > 1 else "")
+def _have(cap: Capacity) -> str:
+    return f"{cap.total['CPU']:g} CPUs" + (f" on {len(cap.nodes)} nodes" if len(cap.nodes) > 1 else "")
 
 
-def _short(cap: Capacity, bundles: list[dict]) -> str:
-    """Why `bundles` do not fit: more than all the nodes have, or the nodes' sizes."""
+def _short(cap: Capacity, bundles: list[dict]) -> tuple[str, list[str]]:
+    """Why `bundles` do not fit, and which resources all the nodes together have too few of (none
+    when it is the nodes' sizes)."""
     need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
     over = [k for k in ("CPU", "GPU") if need[k] > cap.total[k] + 1e-9]
     if over:
         return (f"need {' and '.join(f'{need[k]:g} {k}s' for k in over)} at once; {cap.where} has "
-                f"{' and '.join(f'{cap.total[k]:g}' for k in over)}")
+                f"{' and '.join(f'{cap.total[k]:g}' for k in over)}"), over
     sizes = ", ".join(_words(node) for node in cap.nodes[:8]) + (", …" if len(cap.nodes) > 8 else "")
-    return f"do not fit on {cap.where}'s nodes at once ({sizes}), though they add up to enough"
+    return f"do not fit on {cap.where}'s nodes at once ({sizes}), though they add up to enough", over

@@ -257,8 +257,8 @@ def test_what_no_one_node_of_a_cluster_holds_is_named():
     # The debias stage's bias-estimation task takes at least one whole CPU, whatever an actor takes.
     spec = StudySpec(cluster={"address": "auto"}, debias={"enabled": True}, attack={"cpus_per_worker": 0.5},
                      base={"cpus_per_worker": 0.5}, vulnerability={"cpus_per_worker": 0.5})
-    with pytest.raises(InputError, match=r"^decoding.cpus_per_actor: a debias bias-estimation task \(from the "
-                                         r"generation actor's\) asks for 1 CPU on one node"):
+    with pytest.raises(InputError, match=r"^debias.enabled: a bias-estimation task \(a whole CPU at least, and a GPU "
+                                         r"where the generation actors have one\) asks for 1 CPU on one node"):
         check_capacity(spec, cluster(*[{"CPU": 0.75}] * 4))
     check_capacity(spec.model_copy(update={"debias": spec.debias.model_copy(update={"enabled": False})}),
                    cluster(*[{"CPU": 0.75}] * 4))
@@ -280,7 +280,8 @@ def test_what_a_cluster_holds_only_spread_over_its_nodes_is_named():
     # The pipeline's two actors, each a GPU, on one GPU: checked per actor, each fitted.
     spec = StudySpec(cluster={"address": "auto"}, decoding={"gpus_per_actor": 1, "judge_pool": {"gpus_per_actor": 1}})
     with pytest.raises(InputError, match=r"^decoding: a generation actor \(0.5 CPU, 1 GPU\) and a judge actor "
-                                         r"\(0.25 CPU, 1 GPU\) need 2 GPUs at once; the cluster at auto has 1 "):
+                                         r"\(0.25 CPU, 1 GPU\) need 2 GPUs at once; the cluster at auto has 1 \(lower "
+                                         r"decoding.gpus_per_actor or decoding.judge_pool.gpus_per_actor\)$"):
         check_capacity(spec, cluster({"CPU": 8, "GPU": 1}))
     check_capacity(spec, cluster({"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}))
     # Mixed bundles are placed by a search: a trial's CPUs beside a run's workers.
@@ -297,6 +298,20 @@ def test_what_a_cluster_holds_only_spread_over_its_nodes_is_named():
                      tune={"enabled": True, "cpus_per_trial": 3, "max_concurrent_trials": 1,
                            "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
     check_capacity(spec, cluster({"CPU": 6}, {"CPU": 4}))
+    # Nodes of several sizes: 8 trials of 3 CPUs and 16 workers of 4 need 88 CPUs where there are
+    # 72; refused at once, not after searching every order of placing them.
+    spec = StudySpec(cluster={"address": "auto"}, align_sft={"num_workers": 16, "cpus_per_worker": 4, "batch_size": 16},
+                     tune={"enabled": True, "cpus_per_trial": 3, "max_concurrent_trials": 8,
+                           "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
+    with pytest.raises(InputError, match=r"^tune: 8 trials × 3 CPU leave no room for a trial's alignment run"):
+        check_capacity(spec, cluster({"CPU": 8}, *[{"CPU": 16}] * 4))
+    # Trials beside GPU workers hold no GPU: as many trials as fit run, and the run has its GPUs.
+    spec = StudySpec(cluster={"address": "auto"}, align_sft={"use_gpu": True, "num_workers": 8, "batch_size": 8},
+                     tune={"enabled": True, "cpus_per_trial": 4, "max_concurrent_trials": 4,
+                           "space": {"vaa.rho": {"type": "grid", "values": [1]}}})
+    check_capacity(spec, cluster({"CPU": 9, "GPU": 8}))
+    # Fractions of a CPU, counted without float error: three actors of 0.1 on 0.3 CPUs.
+    assert cluster({"CPU": 0.3}).fits([{"CPU": 0.1}] * 3) and not cluster({"CPU": 0.3}).fits([{"CPU": 0.1}] * 4)
 
 
 def test_an_autoscaling_cluster_warns_instead():
@@ -307,7 +322,8 @@ def test_an_autoscaling_cluster_warns_instead():
     from orchestrator.spec import StudySpec
 
     gpus = {"align_sft": {"use_gpu": True, "num_workers": 8, "batch_size": 8}}
-    with pytest.raises(InputError, match="has no GPU"):
+    with pytest.raises(InputError, match=r"has no GPU .* \(a cluster whose autoscaler adds nodes as runs ask: set "
+                                         r"cluster.autoscaling: true\)$"):
         check_cluster(StudySpec(cluster={"address": "auto"}, **gpus), cluster({"CPU": 8}))
     warning = check_cluster(StudySpec(cluster={"address": "auto", "autoscaling": True}, **gpus), cluster({"CPU": 8}))
     assert warning.startswith("align_sft.use_gpu: the cluster at auto has no GPU") and "autoscaler" in warning

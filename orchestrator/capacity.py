@@ -30,10 +30,15 @@ class Capacity:
 
     @property
     def total(self) -> dict:
-        return {k: sum(node.get(k, 0) for node in self.nodes) for k in ("CPU", "GPU")}
+        return _summed(self.nodes)
 
     def most(self, resource: str) -> float:
         return max((node.get(resource, 0) for node in self.nodes), default=0)
+
+    def count(self, ask: dict) -> int:
+        """How many of `ask` the nodes hold at once, each on one node."""
+        ask = {k: v for k, v in ask.items() if v}
+        return sum(min(_times(node.get(k, 0), v) for k, v in ask.items()) for node in self.nodes)
 
     def holds(self, ask: dict) -> bool:
         """Some one node has all of `ask` (a worker or an actor lives on one node)."""
@@ -48,10 +53,13 @@ class Capacity:
         if not bundles:
             return True
         if all(b == bundles[0] for b in bundles):
-            ask = bundles[0]
-            return sum(min(_times(node.get(k, 0), v) for k, v in ask.items()) for node in self.nodes) >= len(bundles)
+            return self.count(bundles[0]) >= len(bundles)
         return _place(sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True),
                       [dict(node) for node in self.nodes], [SEARCH_STEPS])
+
+
+def _summed(dicts) -> dict:
+    return {k: sum(d.get(k, 0) for d in dicts) for k in ("CPU", "GPU")}
 
 
 def _times(have: float, each: float) -> int:
@@ -64,7 +72,8 @@ def _place(bundles: list[dict], free: list[dict], steps: list[int], start: int =
     not each of their orders)."""
     if not bundles:
         return True
-    if any(sum(b.get(k, 0) for b in bundles) > sum(n.get(k, 0) for n in free) + 1e-9 for k in ("CPU", "GPU")):
+    need, left = _summed(bundles), _summed(free)
+    if any(need[k] > left[k] + 1e-9 for k in need):
         return False  # more than is left on all the nodes: no order of trying helps
     steps[0] -= 1
     if steps[0] < 0:
@@ -87,10 +96,15 @@ def _place(bundles: list[dict], free: list[dict], steps: list[int], start: int =
     return False
 
 
+def local_cpus(spec: StudySpec) -> int:
+    """The logical CPUs the embedded local Ray starts with (`runner.ensure_ray`): cores, at least 2,
+    so that Ray Data has a slot beside the train workers (README's notes)."""
+    return spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
+
+
 def local_capacity(spec: StudySpec) -> Capacity:
-    cpus = spec.cluster.num_cpus or max(2, os.cpu_count() or 2)
     gpus = _cuda_devices() if gpu_asks(spec) else 0  # importing torch costs a driver ~1 s: only if asked
-    return Capacity("the local Ray", ({"CPU": cpus, "GPU": gpus},))
+    return Capacity("the local Ray", ({"CPU": local_cpus(spec), "GPU": gpus},))
 
 
 def cluster_capacity(address: str) -> Capacity:
@@ -166,8 +180,7 @@ def trials(spec: StudySpec, cap: Capacity) -> list[dict]:
     if not t.enabled:
         return []
     trial = {"CPU": t.cpus_per_trial}
-    running = next(n for n in range(t.max_concurrent_trials, -1, -1) if cap.fits([trial] * n))
-    return [trial] * running
+    return [trial] * min(t.max_concurrent_trials, cap.count(trial))
 
 
 def check_capacity(spec: StudySpec, cap: Capacity) -> None:
@@ -266,7 +279,7 @@ def _have(cap: Capacity) -> str:
 def _short(cap: Capacity, bundles: list[dict]) -> tuple[str, list[str]]:
     """Why `bundles` do not fit, and which resources all the nodes together have too few of (none
     when it is the nodes' sizes)."""
-    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+    need = _summed(bundles)
     over = [k for k in ("CPU", "GPU") if need[k] > cap.total[k] + 1e-9]
     if over:
         return (f"need {' and '.join(f'{need[k]:g} {k}s' for k in over)} at once; {cap.where} has "

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from orchestrator import interrupts
+from orchestrator.capacity import local_cpus
 from orchestrator.progress import StudyProgress, start_board
 from orchestrator.spec import StudySpec, spec_dict
 from orchestrator.stages import BY_NAME, STAGES, Stage, StageContext
@@ -65,8 +66,7 @@ def ensure_ray(spec: StudySpec, store: StudyStore, verbose: bool, after_start=No
     if spec.cluster.address:
         ray.init(address=spec.cluster.address, **kwargs)
     else:
-        # Logical CPUs, not cores: Ray Data needs a slot beside the train workers (README, notes).
-        ray.init(num_cpus=spec.cluster.num_cpus or max(2, os.cpu_count() or 2), **kwargs)
+        ray.init(num_cpus=local_cpus(spec), **kwargs)  # what preflight checked the study against
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
